@@ -1,0 +1,146 @@
+"""base: the base model(s) a run starts from.
+
+Each entry of `base.models` is one of:
+  "tiny"                 a SentencePiece tokenizer and a small Llama pre-trained here on unpaired text
+                         (users' messages alone, JSON answers alone, product names across languages,
+                         number words, copying) -- it knows the languages, not the task;
+  "shape:llama-3.2-1b"   random weights with Llama 3.2 1B's exact shape, for hardware benchmarks only;
+  an HF id or a folder   e.g. "meta-llama/Llama-3.2-1B": local cache, or downloaded with HF_TOKEN.
+
+    python -m stages.base --config configs/tiny.toml
+    python -m stages.base --config configs/smoke.toml        # seconds
+
+Writes artifacts/<run>/base/<slug>/ (a Hugging Face model folder, or source.json for hub models).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib.config import ConfigError, as_dict, require
+from stages.lib.models import SHAPE_TWINS, model_slug
+
+PACKAGES = ["torch", "transformers", "sentencepiece", "huggingface_hub", "safetensors"]
+
+
+@dataclass
+class BaseConfig:
+    models: list[str] = field(default_factory=lambda: ["tiny"])
+    # The tiny model. Sizes are multiples of 256 so GGUF k-quants and GPTQ groups of 128 fit every matrix.
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    pretrain_steps: int = 1200
+    pretrain_batch: int = 16
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 3e-3
+    warmup_steps: int = 60
+    dictionary_repeats: int = 4       # how often each product/number-word line recurs in the corpus
+    copy_lines: int = 3000            # "Repeat: x => x" lines teaching the copy skill
+    fewshot_probe: int = 60           # validation examples for the base's own 3-shot exact match (0: skip)
+
+    def validate(self) -> None:
+        require(bool(self.models), "models", 'at least one model ("tiny", "shape:llama-3.2-1b" or an HF id)')
+        require(len({model_slug(m) for m in self.models}) == len(self.models), "models", "distinct models")
+        for key in ("hidden_size", "intermediate_size"):
+            require(getattr(self, key) % 256 == 0, key, "a multiple of 256 (k-quant blocks)")
+        require(self.hidden_size % self.num_heads == 0, "num_heads", "a divisor of hidden_size")
+        require(self.vocab_size >= 600, "vocab_size", "an integer >= 600")
+        for key in ("num_layers", "pretrain_batch", "pretrain_seq_len", "max_seq_len"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1")
+        require(self.pretrain_steps >= 0 and self.warmup_steps >= 0, "pretrain_steps", "an integer >= 0")
+        require(0 < self.pretrain_lr < 1, "pretrain_lr", "a learning rate in (0, 1)")
+        require(self.dictionary_repeats >= 0 and self.copy_lines >= 0 and self.fewshot_probe >= 0,
+                "dictionary_repeats", "counts >= 0")
+
+
+def provide_hub_model(spec: str, out: Path) -> dict:
+    """Record where a hub model or local folder lives; one clear line when it is not available."""
+    from huggingface_hub import snapshot_download
+    if Path(spec).is_dir():
+        path = Path(spec).resolve()
+    else:
+        try:
+            path = Path(snapshot_download(spec, token=os.environ.get("HF_TOKEN") or None,
+                                          allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        except Exception as err:  # noqa: BLE001 - offline, gated, missing: all end in the same advice
+            raise artifacts.MissingArtifact(
+                f"base model {spec!r} is not available here ({type(err).__name__}): set HF_TOKEN with access to it "
+                "on a host that reaches the hub, point HF_HOME at a cache that holds it, or give a local folder "
+                "path in base.models") from None
+    if not list(path.glob("*.safetensors")):
+        raise artifacts.MissingArtifact(f"base model {spec!r}: no .safetensors weights in {path}")
+    source = {"kind": "hub", "spec": spec, "path": str(path)}
+    artifacts.write_json(out / "source.json", source)
+    return source
+
+
+def make_shape_twin(spec: str, tiny_tokenizer_dir: Path | None, train: list[dict], seed: int, out: Path) -> dict:
+    """Random weights with the real model's exact shape (accuracy from it is meaningless)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from stages.lib.tiny import train_tokenizer
+    shape = SHAPE_TWINS[spec]
+    if tiny_tokenizer_dir is None:
+        train_tokenizer([ex["text"] for ex in train], 2048, out)
+    else:
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            (out / name).write_bytes((tiny_tokenizer_dir / name).read_bytes())
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, torch_dtype="float16", bos_token_id=1, eos_token_id=2)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.float16)
+    model.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    return {"kind": "shape", "spec": spec, "path": str(out), "parameters": params,
+            "note": "random weights: accuracy is meaningless, speed and memory are the real model's"}
+
+
+def run(run_cfg, cfg: BaseConfig, args) -> int:
+    run_dir = run_cfg.run_dir
+    data = artifacts.require_stage(run_dir, "data", "generate")
+    stage = artifacts.StageRun("base", "base", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
+                               artifacts.input_fingerprint({"data": data}), artifacts.code_hash(__file__), PACKAGES)
+    if stage.up_to_date() and not args.force:
+        cli.console.print(f"[green]base is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+        return 0
+    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
+    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    out = stage.fresh_tmp()
+    records, tiny_dir = {}, None
+    for spec in sorted(cfg.models, key=lambda m: m != "tiny"):  # tiny first: the twin reuses its tokenizer
+        slug = model_slug(spec)
+        folder = out / slug
+        folder.mkdir()
+        cli.console.rule(f"base model {spec}")
+        if spec == "tiny":
+            from stages.lib.tiny import build_tiny
+            records[slug] = build_tiny(cfg, train, val, run_cfg.seed, folder)
+            tiny_dir = folder
+        elif spec in SHAPE_TWINS:
+            records[slug] = make_shape_twin(spec, tiny_dir, train, run_cfg.seed, folder)
+        elif spec.startswith("shape:"):
+            raise ConfigError(f"{args.config}: base.models: unknown shape twin {spec!r} "
+                              f"(known: {', '.join(SHAPE_TWINS)})")
+        else:
+            records[slug] = provide_hub_model(spec, folder)
+        artifacts.write_json(folder / "base.json", records[slug])
+    stage.results["models"] = records
+    stage.publish()
+    cli.show_config("base models", {slug: {k: v for k, v in r.items() if k not in ("path", "history")}
+                                    for slug, r in records.items()})
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run_stage(__doc__, "base", BaseConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

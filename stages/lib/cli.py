@@ -1,0 +1,59 @@
+"""The command line every stage shares: --config, --set, --force, and exit codes.
+
+0 ok, 2 bad config or usage, 3 missing or invalid upstream artifact, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from .artifacts import MissingArtifact
+from .config import ConfigError, as_dict, load_stage_config
+
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
+
+EXIT_OK, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.environ.get("CONFIG", "configs/tiny.toml"),
+                   help="run config (TOML); default configs/tiny.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set generate.n_examples=600 (repeatable)")
+    p.add_argument("--force", action="store_true", default=os.environ.get("FORCE", "") not in ("", "0"),
+                   help="rerun even if inputs and config are unchanged (also FORCE=1)")
+    return p
+
+
+def show_config(title: str, values: dict) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
+              add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse arguments, load and show the config, call body(run, cfg, args); map errors to exit codes."""
+    p = parser(doc)
+    if add_args:
+        add_args(p)
+    args = p.parse_args(argv)
+    try:
+        run, cfg = load_stage_config(args.config, section, cfg_cls, args.overrides)
+        show_config(f"{section} · run {run.name}", as_dict(cfg))
+        return body(run, cfg, args) or EXIT_OK
+    except ConfigError as err:
+        console.print(f"[red]config error[/red] {err}")
+        return EXIT_CONFIG
+    except MissingArtifact as err:
+        console.print(f"[red]missing input[/red] {err}")
+        return EXIT_UPSTREAM
+    except KeyboardInterrupt:
+        console.print(f"[yellow]{section} interrupted[/yellow]; rerun to start again (nothing was published)")
+        return EXIT_INTERRUPTED

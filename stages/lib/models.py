@@ -1,0 +1,42 @@
+"""Model specs in configs and where their folders are: tiny, shape twins, hub ids."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .artifacts import MissingArtifact
+
+# Llama 3.2 1B's exact shape (about 1.24 B parameters; its F16 GGUF is about 2.47 GB).
+SHAPE_TWINS = {
+    "shape:llama-3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                         "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192}),
+}
+
+
+def model_slug(spec: str) -> str:
+    """A folder name for a model spec: 'meta-llama/Llama-3.2-1B' -> 'llama-3.2-1b'."""
+    name = spec.split(":", 1)[1] + "-shape" if spec.startswith("shape:") else spec.rstrip("/").split("/")[-1]
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower())
+
+
+def base_models(run_dir: Path) -> dict[str, dict]:
+    """slug -> base.json record (kind, spec, path) of every model the base stage prepared."""
+    records = {}
+    for record_file in sorted((run_dir / "base").glob("*/base.json")):
+        record = json.loads(record_file.read_text())
+        record["dir"] = str(record_file.parent)
+        records[record_file.parent.name] = record
+    if not records:
+        raise MissingArtifact(f"{run_dir / 'base'} holds no base model: run `make base` first")
+    return records
+
+
+def weights_dir(record: dict) -> Path:
+    """The folder holding the weights: the base folder itself, or the hub snapshot it points to."""
+    return Path(record["path"]) if record["kind"] == "hub" else Path(record["dir"])

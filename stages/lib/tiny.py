@@ -1,0 +1,158 @@
+"""The embedded tiny base model: tokenizer, pre-training corpus, model, pre-training loop.
+
+The corpus is unpaired: users' messages alone and JSON answers alone (shuffled apart, never a
+message next to its answer), plus the general knowledge a real base model brings -- product
+names across the three languages and their canonical English names, number words, copying.
+So the base knows the languages and the answer format, not the task.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+from .cli import console
+from .catalog import DOZEN, LANGUAGES, NUMBER_WORDS, load_catalog
+from .task import format_answer
+
+TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                    "model_max_length": 4096, "padding_side": "left"}
+
+
+def knowledge_lines(repeats: int) -> list[str]:
+    """Product names in every language and form, number words: 'pastu za zube (hr) = Toothpaste'."""
+    catalog = load_catalog()
+    lines = []
+    for product in catalog.products:
+        for lang in LANGUAGES:
+            for forms in product.names[lang]:
+                for key, form in forms.items():
+                    if key not in ("gender", "plurale_tantum"):
+                        lines.append(f"{form} ({lang}) = {product.name}")
+    for lang in LANGUAGES:
+        lines += [f"{word} ({lang}) = {n}" for n, word in enumerate(NUMBER_WORDS[lang], start=1)]
+        lines.append(f"{DOZEN[lang]} ({lang}) = 12")
+    return sorted(set(lines)) * repeats
+
+
+def copy_lines(texts: list[str], count: int, rng: random.Random) -> list[str]:
+    """'Repeat: 12 lip balms => 12 lip balms' -- spans of real messages and bare numbers."""
+    lines = []
+    for _ in range(count):
+        if rng.random() < 0.3:
+            span = str(rng.randint(1, 99))
+        else:
+            words = rng.choice(texts).split()
+            start = rng.randrange(len(words))
+            span = " ".join(words[start:start + rng.randint(1, 4)])
+        lines.append(f"Repeat: {span} => {span}")
+    return lines
+
+
+def build_corpus(train: list[dict], cfg, rng: random.Random) -> list[str]:
+    texts = [ex["text"] for ex in train]
+    answers = [format_answer(ex["action"], ex["product"], ex["quantity"]) for ex in train]
+    rng.shuffle(answers)  # answers alone, in another order than their messages
+    lines = texts + answers + knowledge_lines(cfg.dictionary_repeats) + copy_lines(texts, cfg.copy_lines, rng)
+    rng.shuffle(lines)
+    return lines
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> None:
+    """SentencePiece BPE with byte fallback; saved as tokenizer.model so llama.cpp's converter accepts it.
+
+    Identity normalization keeps SentencePiece, transformers and llama.cpp tokenizing alike;
+    split_digits makes quantities digit by digit; not splitting by script lets JSON keys merge.
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    prefix = out / "spm"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, split_by_unicode_script=False, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2, random_seed_for_sampling=1)
+    shutil.move(f"{prefix}.model", out / "tokenizer.model")
+    Path(f"{prefix}.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)  # adds tokenizer.json for fast loading
+
+
+def pretrain(model, tokenizer, lines: list[str], cfg, rng: random.Random, progress) -> dict:
+    """Causal LM over the packed corpus; returns loss history and throughput."""
+    import torch
+    ids = []
+    for encoded in tokenizer(lines, add_special_tokens=False).input_ids:
+        ids += [tokenizer.bos_token_id, *encoded, tokenizer.eos_token_id]
+    stream = torch.tensor(ids)
+    length = cfg.pretrain_seq_len
+    n_chunks = len(stream) // length
+    chunks = stream[: n_chunks * length].view(n_chunks, length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.pretrain_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    history, start, task = [], time.time(), progress.add_task("pre-training", total=cfg.pretrain_steps)
+    model.train()
+    for step in range(cfg.pretrain_steps):
+        batch = chunks[torch.randint(0, n_chunks, (cfg.pretrain_batch,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == cfg.pretrain_steps - 1:
+            history.append({"step": step, "loss": round(loss.item(), 4)})
+        progress.update(task, advance=1, description=f"pre-training loss {loss.item():.3f}")
+    wall = time.time() - start
+    return {"corpus_tokens": len(ids), "steps": cfg.pretrain_steps, "wall_s": round(wall, 1),
+            "tokens_per_s": round(cfg.pretrain_steps * cfg.pretrain_batch * length / max(wall, 1e-9)),
+            "history": history}
+
+
+def fewshot_shots(train: list[dict], rng: random.Random, per_lang: int = 1) -> list[dict]:
+    """k examples balanced over languages, fixed by the seed."""
+    shots = []
+    for lang in LANGUAGES:
+        pool = [ex for ex in train if ex["lang"] == lang]
+        shots += rng.sample(pool, per_lang)
+    return shots
+
+
+def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path) -> dict:
+    import torch
+    from rich.progress import Progress
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from .generation import exact_match_rate
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    corpus = build_corpus(train, cfg, rng)
+    train_tokenizer(corpus, cfg.vocab_size, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = LlamaForCausalLM(config)
+    with Progress(console=console) as progress:
+        record = pretrain(model, tokenizer, corpus, cfg, rng, progress)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    record.update(kind="tiny", spec="tiny", path=str(out), vocab_size=len(tokenizer),
+                  parameters=sum(p.numel() for p in model.parameters()))
+    if cfg.fewshot_probe:
+        shots = fewshot_shots(train, rng)
+        record["fewshot_3shot_exact_match"], _ = exact_match_rate(model, tokenizer, val[: cfg.fewshot_probe], shots)
+        record["fewshot_probe_examples"] = min(cfg.fewshot_probe, len(val))
+    return record

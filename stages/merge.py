@@ -1,0 +1,136 @@
+"""merge: fold each LoRA adapter into its base reloaded in FP16 (not the 4-bit weights), save with safetensors.
+
+Parity check: the saved merged model and base+adapter give the same greedy output on validation
+prompts; the agreement rate is recorded and the stage fails under `min_agreement`. The merged
+model's validation exact match is recorded too.
+
+    python -m stages.merge --config configs/tiny.toml
+    python -m stages.merge --config configs/smoke.toml     # seconds
+
+Writes artifacts/<run>/merge/<slug>/ (model.safetensors, config, generation config, tokenizer
+files including tokenizer.model, README.md model card).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib.config import as_dict, require
+from stages.lib.models import base_models, weights_dir
+
+PACKAGES = ["torch", "transformers", "peft", "safetensors"]
+
+
+class ParityError(Exception):
+    pass
+
+
+@dataclass
+class MergeConfig:
+    dtype: str = "float16"
+    parity_prompts: int = 100         # validation prompts compared (at least 50)
+    min_agreement: float = 0.98
+
+    def validate(self) -> None:
+        require(self.dtype in ("float16", "bfloat16"), "dtype", '"float16" or "bfloat16"')
+        require(self.parity_prompts >= 50, "parity_prompts", "an integer >= 50")
+        require(0 < self.min_agreement <= 1, "min_agreement", "a fraction in (0, 1]")
+
+
+def model_card(record: dict, adapter_history: dict, results: dict) -> str:
+    return "\n".join([
+        f"# {record['spec']} fine-tuned for cart-intent extraction (merged)",
+        "",
+        "QLoRA adapter merged into the FP16 base. Input: the task library's prompt "
+        "(`stages/lib/task.py: build_prompt`); output: one JSON object "
+        '`{"action": "add"|"remove", "product": <catalog name>, "quantity": <int>}`.',
+        "",
+        f"- base: `{record['spec']}`",
+        f"- best checkpoint: {adapter_history.get('best_checkpoint')} (eval loss {adapter_history.get('best_eval_loss')})",
+        f"- parity with base+adapter: {results['parity_agreement']:.3f} on {results['parity_prompts']} prompts",
+        f"- validation exact match (merged): {results['val_exact_match']:.4f}",
+    ]) + "\n"
+
+
+def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, val: list[dict], out: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from stages.lib.generation import exact_match_rate, greedy_generate
+    from stages.lib.task import build_prompt
+
+    cuda = torch.cuda.is_available()
+    save_dtype = getattr(torch, cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    def load(path):  # FP16 weights; CPU computes in float32 (its FP16 kernels are slow and partial)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=save_dtype, device_map="auto" if cuda else "cpu")
+        return model if cuda else model.float()
+
+    prompts = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
+    peft_model = PeftModel.from_pretrained(load(weights_dir(record)), adapter_dir)
+    reference = greedy_generate(peft_model, tokenizer, prompts)
+    merged = peft_model.merge_and_unload()
+    merged.to(save_dtype).save_pretrained(out, safe_serialization=True)
+    merged.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    source_tokenizer = weights_dir(record) / "tokenizer.model"
+    if source_tokenizer.exists():  # llama.cpp's converter reads the SentencePiece model
+        shutil.copy(source_tokenizer, out / "tokenizer.model")
+    del peft_model, merged
+
+    reloaded = load(out)
+    merged_outputs = greedy_generate(reloaded, tokenizer, prompts)
+    agreement = sum(a == b for a, b in zip(reference, merged_outputs)) / len(prompts)
+    val_em, _ = exact_match_rate(reloaded, tokenizer, val)
+    results = {"base": record["spec"], "dtype": cfg.dtype, "parity_prompts": len(prompts),
+               "parity_agreement": round(agreement, 4), "val_exact_match": round(val_em, 4),
+               "val_examples": len(val), "parameters": sum(p.numel() for p in reloaded.parameters())}
+    (out / "README.md").write_text(model_card(record, history, results), encoding="utf-8")
+    if agreement < cfg.min_agreement:
+        raise ParityError(f"{record['spec']}: merged model agrees with base+adapter on {agreement:.1%} of "
+                          f"{len(prompts)} prompts, under merge.min_agreement={cfg.min_agreement}")
+    return results
+
+
+def run(run_cfg, cfg: MergeConfig, args) -> int:
+    run_dir = run_cfg.run_dir
+    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
+                 "base": artifacts.require_stage(run_dir, "base", "base"),
+                 "finetune": artifacts.require_stage(run_dir, "finetune", "finetune")}
+    stage = artifacts.StageRun("merge", "merge", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
+                               artifacts.code_hash(__file__), PACKAGES)
+    if stage.up_to_date() and not args.force:
+        cli.console.print(f"[green]merge is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+        return 0
+    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    out = stage.fresh_tmp()
+    results = {}
+    for slug, record in base_models(run_dir).items():
+        adapter_dir = run_dir / "finetune" / slug / "adapter"
+        if not adapter_dir.is_dir():
+            results[slug] = {"skipped": manifests["finetune"]["results"]["models"].get(slug, {}).get(
+                "skipped", "no adapter")}
+            continue
+        cli.console.rule(f"merging {record['spec']}")
+        history = artifacts.read_json(run_dir / "finetune" / slug / "history.json")
+        try:
+            results[slug] = merge_one(record, adapter_dir, history, cfg, val, out / slug)
+        except ParityError as err:
+            cli.console.print(f"[red]parity check failed[/red] {err}")
+            return 1
+    stage.results["models"] = results
+    stage.publish()
+    cli.show_config("merged models", results)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run_stage(__doc__, "merge", MergeConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

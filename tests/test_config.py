@@ -1,0 +1,65 @@
+"""Config loading: every shipped config loads; bad values give one line and exit code 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.generate import GenerateConfig
+from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    tables = read_tables(path)
+    assert set(tables) <= set(KNOWN_SECTIONS)
+    run, gen = load_stage_config(path, "generate", GenerateConfig)
+    assert run.name == path.stem or path.stem == "llama-1b-shape"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[generate]\nn_exampels = 5\n", "generate.n_exampels: unknown key"),
+    ("[generate]\nn_examples = 'many'\n", "generate.n_examples: expected int"),
+    ("[generate]\nn_examples = 3\n", "generate.n_examples: expected an integer >= 30"),
+    ("[generate]\ntest_fraction = 0.9\n", "generate.test_fraction"),
+    ("[generate]\nlanguages = ['en', 'de']\n", "generate.languages"),
+    ("[generate.noise]\ntypo = 1.5\n", "generate.noise"),
+    ("[generat]\nn_examples = 5\n", "[generat]: unknown table"),
+    ("[generate\n", "not valid TOML"),
+    ("[run]\nname = 'a/b'\n", "run.name"),
+])
+def test_bad_values_name_file_and_key(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_stage_config(path, "generate", GenerateConfig)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_override_parses_toml_values_and_is_checked(tmp_path):
+    path = write(tmp_path, "[run]\nname = 't'\n")
+    _, cfg = load_stage_config(path, "generate", GenerateConfig, ["generate.n_examples=600",
+                                                                  "generate.languages=['hr']"])
+    assert cfg.n_examples == 600 and cfg.languages == ["hr"]
+    with pytest.raises(ConfigError, match="generate.n_examples: expected int"):
+        load_stage_config(path, "generate", GenerateConfig, ["generate.n_examples=abc"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_stage_config(path, "generate", GenerateConfig, ["n_examples=3"])
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path, "[generate]\nn_examples = -1\n")
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert len(error_lines) == 1 and "generate.n_examples" in error_lines[0]

@@ -1,0 +1,103 @@
+"""The template generator: deterministic, balanced, noisy at the configured rates, no leakage."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stages import generate
+from stages.lib.artifacts import read_jsonl, read_manifest
+from stages.lib.noise import NOISE_KINDS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+
+
+def run_generate(tmp_path, *sets, force=False):
+    argv = ["--config", SMOKE, "--set", f"run.artifacts_dir='{tmp_path}'", *[a for s in sets for a in ("--set", s)]]
+    assert generate.main(argv + (["--force"] if force else [])) == 0
+    return tmp_path / "smoke" / "data"
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """3000 examples: enough to measure rates within a few points."""
+    out = run_generate(tmp_path_factory.mktemp("gen"), "generate.n_examples=3000")
+    return {name: read_jsonl(out / f"{name}.jsonl") for name in ("train", "val", "test")}, out
+
+
+def test_same_config_gives_byte_identical_files(tmp_path):
+    a = run_generate(tmp_path / "a")
+    b = run_generate(tmp_path / "b")
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "README.md", "stats.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    c = run_generate(tmp_path / "c", "generate.seed=7")
+    assert (a / "train.jsonl").read_bytes() != (c / "train.jsonl").read_bytes()
+
+
+def test_rerun_is_skipped_unless_forced(tmp_path):
+    out = run_generate(tmp_path)
+    first = read_manifest(out)["finished"]
+    run_generate(tmp_path)
+    assert read_manifest(out)["finished"] == first
+    run_generate(tmp_path, "generate.n_examples=300")
+    assert read_manifest(out)["results"]["total"] == 300
+
+
+def test_splits_sizes_and_no_leakage(big):
+    splits, _ = big
+    assert [len(splits[k]) for k in ("test", "val", "train")] == [300, 270, 2430]
+    keys = {k: {" ".join(ex["text"].casefold().split()) for ex in v} for k, v in splits.items()}
+    assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
+    assert sum(len(v) for v in keys.values()) == 3000
+
+
+def test_languages_balanced_and_fields_valid(big):
+    splits, _ = big
+    rows = [ex for part in splits.values() for ex in part]
+    counts = Counter(ex["lang"] for ex in rows)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    names = set(generate.load_catalog().names)
+    for ex in rows:
+        assert ex["action"] in ("add", "remove") and ex["product"] in names
+        assert isinstance(ex["quantity"], int) and 1 <= ex["quantity"] <= 50
+        assert set(ex["noise"]) <= set(NOISE_KINDS)
+    assert Counter(ex["action"] for ex in rows)["remove"] / len(rows) == pytest.approx(0.5, abs=0.05)
+    assert Counter(ex["quantity"] for ex in rows).most_common(1)[0][0] == 1
+    assert max(ex["quantity"] for ex in rows) >= 40
+
+
+def test_every_noise_kind_near_its_rate(big):
+    splits, out = big
+    rows = [ex for part in splits.values() for ex in part]
+    rates = generate.GenerateConfig().noise
+    for kind in NOISE_KINDS:
+        pool = [ex for ex in rows if kind != "code_switch" or ex["lang"] != "en"]
+        share = sum(kind in ex["noise"] for ex in pool) / len(pool)
+        # typo needs a long word and casing can be a no-op on shouting text: allow a few points under
+        assert rates[kind] - 0.04 <= share <= rates[kind] + 0.03, (kind, share)
+
+
+def test_quantity_styles_all_present(big):
+    splits, _ = big
+    rows = [ex for part in splits.values() for ex in part]
+    styles = Counter(ex["quantity_style"] for ex in rows)
+    assert {"digits", "word", "x", "dozen", "implicit"} <= set(styles)
+    assert any(s.startswith("unit+") for s in styles)
+    for ex in rows:
+        if ex["quantity_style"] == "digits":
+            assert str(ex["quantity"]) in ex["text"]
+        if ex["quantity_style"] == "dozen":
+            assert ex["quantity"] == 12
+
+
+def test_dataset_card_and_datasets_loader(big):
+    _, out = big
+    card = (out / "README.md").read_text()
+    for word in ("language", "noise kind", "quantity", "duplicate"):
+        assert word in card
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["total"] == 3000
+    import datasets
+    ds = datasets.load_dataset("json", data_files={k: str(out / f"{k}.jsonl") for k in ("train", "val", "test")})
+    assert ds["test"].num_rows == 300 and "text" in ds["train"].column_names

@@ -1,0 +1,110 @@
+"""The training chain on the smoke config: base -> finetune -> merge, resume after SIGTERM, parity."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+pytestmark = pytest.mark.integration
+
+
+def stage(name, artifacts_dir, *extra, check=True):
+    cmd = [sys.executable, "-m", f"stages.{name}", "--config", SMOKE, "--set", f"run.artifacts_dir='{artifacts_dir}'",
+           *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def manifest(run_dir, folder):
+    return json.loads((run_dir / folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    for name in ("generate", "base", "finetune", "merge"):
+        stage(name, root)
+    return root / "smoke"
+
+
+def test_base_is_a_loadable_tiny_llama(chain):
+    base = manifest(chain, "base")["results"]["models"]["tiny"]
+    folder = chain / "base" / "tiny"
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json"):
+        assert (folder / name).exists(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config["hidden_size"] % 256 == 0 and config["intermediate_size"] % 256 == 0
+    assert 0 <= base["fewshot_3shot_exact_match"] <= 1
+    assert base["history"][-1]["loss"] < base["history"][0]["loss"]
+
+
+def test_finetune_records_history_and_throughput(chain):
+    record = manifest(chain, "finetune")["results"]["models"]["tiny"]
+    assert (chain / "finetune" / "tiny" / "adapter" / "adapter_model.safetensors").exists()
+    assert not (chain / "finetune" / "tiny" / "checkpoints").exists()
+    assert record["history"] and all("val_exact_match" in h and "eval_loss" in h for h in record["history"])
+    assert record["train_tokens_per_s"] > 0 and record["peak_rss_mib"] > 0
+    assert record["best_checkpoint"].startswith("checkpoint-")
+
+
+def test_merge_parity_and_model_folder(chain):
+    record = manifest(chain, "merge")["results"]["models"]["tiny"]
+    assert record["parity_prompts"] >= 50 and record["parity_agreement"] >= 0.98
+    folder = chain / "merge" / "tiny"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "README.md"):
+        assert (folder / name).exists(), name
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_rerun_skips_unchanged_stages(chain):
+    before = manifest(chain, "finetune")["finished"]
+    proc = stage("finetune", chain.parent)
+    assert "up to date" in proc.stderr and manifest(chain, "finetune")["finished"] == before
+
+
+def test_finetune_resumes_after_sigterm(chain, tmp_path):
+    """Kill a running finetune after its first checkpoint; the rerun continues from it."""
+    run_dir = tmp_path / "smoke"
+    run_dir.mkdir()
+    for folder in ("data", "base"):
+        os.symlink(chain / folder, run_dir / folder)
+    cmd = [sys.executable, "-m", "stages.finetune", "--config", SMOKE, "--set", f"run.artifacts_dir='{tmp_path}'"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = run_dir / ".finetune.tmp" / "tiny" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    assert not (run_dir / "finetune").exists()  # nothing half-trained is published
+    stage("finetune", tmp_path)
+    record = manifest(run_dir, "finetune")["results"]["models"]["tiny"]
+    assert record["resumed_from"].startswith("checkpoint-")
+    assert (run_dir / "finetune" / "tiny" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_missing_upstream_names_make_target(tmp_path):
+    proc = stage("finetune", tmp_path, check=False)
+    assert proc.returncode == 3 and "make generate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_hub_model_is_one_line(chain, tmp_path):
+    run_dir = tmp_path / "smoke"
+    run_dir.mkdir()
+    os.symlink(chain / "data", run_dir / "data")
+    env_cmd = ["--set", "base.models=['no-such-org/no-such-model']"]
+    proc = subprocess.run([sys.executable, "-m", "stages.base", "--config", SMOKE, "--set",
+                           f"run.artifacts_dir='{tmp_path}'", *env_cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "no-such-org/no-such-model" in proc.stderr and "HF_TOKEN" in proc.stderr
