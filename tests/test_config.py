@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from stages.base import BaseConfig
+from stages.finetune import FinetuneConfig
 from stages.generate import GenerateConfig
+from stages.merge import MergeConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +21,25 @@ def write(tmp_path, text):
     return path
 
 
+STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     tables = read_tables(path)
     assert set(tables) <= set(KNOWN_SECTIONS)
-    run, gen = load_stage_config(path, "generate", GenerateConfig)
-    assert run.name == path.stem or path.stem == "llama-1b-shape"
+    for section, cls in STAGE_CONFIGS.items():
+        run, _ = load_stage_config(path, section, cls)
+        assert run.name == path.stem
+
+
+def test_paper_config_is_the_papers_recipe():
+    _, ft = load_stage_config(ROOT / "configs" / "paper.toml", "finetune", FinetuneConfig)
+    assert (ft.lora_r, ft.lora_alpha, ft.lora_dropout, ft.epochs, ft.batch_size) == (16, 32, 0.15, 3.0, 8)
+    assert (ft.learning_rate, ft.warmup_ratio, ft.max_grad_norm, ft.load_in_4bit) == (2e-4, 0.05, 1.0, True)
+    assert ft.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    _, base = load_stage_config(ROOT / "configs" / "paper.toml", "base", BaseConfig)
+    assert base.models == ["meta-llama/Llama-3.2-1B", "google/gemma-3-1b-pt"]
 
 
 @pytest.mark.parametrize("text, needle", [

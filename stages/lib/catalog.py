@@ -136,7 +136,8 @@ def indefinite(lang: str, forms: dict, mass: bool, case: str = "acc") -> str:
     if mass:
         return forms["sg"]
     if lang == "en":
-        return ("an " if forms["sg"][0] in "aeiou" else "a ") + forms["sg"]
+        vowel_sound = forms["sg"][0].lower() in "aeiou" and not forms["sg"].lower().startswith(("us", "uni", "eu"))
+        return ("an " if vowel_sound else "a ") + forms["sg"]
     return ("una " if forms["gender"] == "f" else "un ") + forms["sg"]
 
 

@@ -61,16 +61,9 @@ def unrelated_number(text, lang, rng, lex):
 
 
 def code_switch(text, lang, rng, lex):
-    """An English phrase dropped into a Croatian or Spanish sentence."""
+    """An English phrase dropped into a Croatian or Spanish sentence (at an edge: never inside the item)."""
     phrase = rng.choice(lex["code_switch"])
-    where = rng.random()
-    if where < 0.3:
-        return f"{phrase} {text}"
-    if where < 0.7:
-        return f"{text.rstrip('.!?')} {phrase}"
-    words = text.split(" ")
-    cut = rng.randint(1, max(1, len(words) - 1))
-    return " ".join(words[:cut] + [phrase] + words[cut:])
+    return f"{phrase} {text}" if rng.random() < 0.4 else f"{text.rstrip('.!?')} {phrase}"
 
 
 def typo(text, lang, rng, lex):

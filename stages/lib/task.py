@@ -11,9 +11,8 @@ ACTIONS = ("add", "remove")
 FIELDS = ("action", "product", "quantity")
 
 INSTRUCTION = (
-    "Extract the shopping-cart intent from the customer's message (English, Croatian or Spanish). "
-    'Answer with JSON only: {"action": "add" or "remove", "product": catalog product name, '
-    '"quantity": integer}.'
+    "Extract the shopping cart intent from the message as JSON with action (add or remove), "
+    "product (catalog name) and quantity (integer)."
 )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .cli import console
 from .catalog import DOZEN, LANGUAGES, NUMBER_WORDS, load_catalog
-from .task import format_answer
+from .task import INSTRUCTION, format_answer
 
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                     "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
@@ -40,11 +40,18 @@ def knowledge_lines(repeats: int) -> list[str]:
 
 
 def copy_lines(texts: list[str], count: int, rng: random.Random) -> list[str]:
-    """'Repeat: 12 lip balms => 12 lip balms' -- spans of real messages and bare numbers."""
+    """'Repeat: 12 lip balms => 12 lip balms' -- whole messages, spans of them and bare numbers.
+
+    Copying a whole sentence makes the model look back a full message length, the retrieval
+    that reading a product or a quantity out of a request needs later.
+    """
     lines = []
     for _ in range(count):
-        if rng.random() < 0.3:
+        roll = rng.random()
+        if roll < 0.2:
             span = str(rng.randint(1, 99))
+        elif roll < 0.6:
+            span = rng.choice(texts)
         else:
             words = rng.choice(texts).split()
             start = rng.randrange(len(words))
@@ -57,7 +64,9 @@ def build_corpus(train: list[dict], cfg, rng: random.Random) -> list[str]:
     texts = [ex["text"] for ex in train]
     answers = [format_answer(ex["action"], ex["product"], ex["quantity"]) for ex in train]
     rng.shuffle(answers)  # answers alone, in another order than their messages
-    lines = texts + answers + knowledge_lines(cfg.dictionary_repeats) + copy_lines(texts, cfg.copy_lines, rng)
+    # The instruction is ordinary English a base model would have read; it keeps prompts short in tokens.
+    lines = (texts + answers + [INSTRUCTION] * 50 + knowledge_lines(cfg.dictionary_repeats)
+             + copy_lines(texts, cfg.copy_lines, rng))
     rng.shuffle(lines)
     return lines
 
@@ -75,7 +84,7 @@ def train_tokenizer(lines: list[str], vocab_size: int, out: Path) -> None:
         sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, split_by_unicode_script=False, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2, random_seed_for_sampling=1)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
     shutil.move(f"{prefix}.model", out / "tokenizer.model")
     Path(f"{prefix}.vocab").unlink()
     (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
