@@ -93,7 +93,7 @@ def make_shape_twin(spec: str, tiny_tokenizer_dir: Path | None, train: list[dict
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
             (out / name).write_bytes((tiny_tokenizer_dir / name).read_bytes())
     torch.manual_seed(seed)
-    config = LlamaConfig(**shape, torch_dtype="float16", bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**shape, dtype="float16", bos_token_id=1, eos_token_id=2)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.float16)
     model.save_pretrained(out)
