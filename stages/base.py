@@ -107,8 +107,7 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
     data = artifacts.require_stage(run_dir, "data", "generate")
     stage = artifacts.StageRun("base", "base", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
                                artifacts.input_fingerprint({"data": data}), artifacts.code_hash(__file__), PACKAGES)
-    if stage.up_to_date() and not args.force:
-        cli.console.print(f"[green]base is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+    if cli.already_done(stage, args):
         return 0
     train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
     val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")

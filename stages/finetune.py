@@ -170,8 +170,7 @@ def run(run_cfg, cfg: FinetuneConfig, args) -> int:
                  "base": artifacts.require_stage(run_dir, "base", "base")}
     stage = artifacts.StageRun("finetune", "finetune", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
                                artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
-    if stage.up_to_date() and not args.force:
-        cli.console.print(f"[green]finetune is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+    if cli.already_done(stage, args):
         return 0
     sigterm_as_interrupt()
     train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")

@@ -186,8 +186,7 @@ def dataset_card(stats: dict, cfg: GenerateConfig) -> str:
 def run(run_cfg, cfg: GenerateConfig, args) -> int:
     stage = artifacts.StageRun("generate", "data", run_cfg.run_dir, as_dict(cfg), {},
                                artifacts.code_hash(__file__), ["rich"])
-    if stage.up_to_date() and not args.force:
-        cli.console.print(f"[green]data is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+    if cli.already_done(stage, args):
         return 0
     catalog = load_catalog()
     lex = json.loads(TEMPLATES_PATH.read_text(encoding="utf-8"))

@@ -103,8 +103,7 @@ def run(run_cfg, cfg: MergeConfig, args) -> int:
                  "finetune": artifacts.require_stage(run_dir, "finetune", "finetune")}
     stage = artifacts.StageRun("merge", "merge", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)
-    if stage.up_to_date() and not args.force:
-        cli.console.print(f"[green]merge is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+    if cli.already_done(stage, args):
         return 0
     val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
     out = stage.fresh_tmp()

@@ -37,6 +37,14 @@ def show_config(title: str, values: dict) -> None:
     console.print(table)
 
 
+def already_done(stage, args) -> bool:
+    """True (and says so) when the stage's config, code and inputs match its manifest and no rerun is forced."""
+    if stage.up_to_date() and not args.force:
+        console.print(f"[green]{stage.stage} is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+        return True
+    return False
+
+
 def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """Parse arguments, load and show the config, call body(run, cfg, args); map errors to exit codes."""
