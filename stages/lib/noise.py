@@ -6,7 +6,6 @@ number word, so the ground-truth quantity always survives.
 """
 from __future__ import annotations
 
-import random
 import re
 
 from .catalog import NUMBER_WORDS

@@ -144,7 +144,6 @@ def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path) ->
     from .generation import exact_match_rate
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     corpus = build_corpus(train, cfg, rng)
     train_tokenizer(corpus, cfg.vocab_size, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
