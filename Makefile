@@ -17,7 +17,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)
 export FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge test test-unit clean venv
+.PHONY: help all generate base finetune merge gptq gguf test test-unit clean venv
 
 ## Show this help
 help:
@@ -27,13 +27,14 @@ help:
 $(STAMP): requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
+	$(PY) -m stages.lib.llama_cpp_tools install
 	touch $@
 
 ## Create .venv from the pinned requirements (done automatically by every target)
 venv: $(STAMP)
 
 ## Run every stage in order on CONFIG (default: the embedded tiny model)
-all: merge
+all: gptq gguf
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
 generate: $(STAMP)
@@ -50,6 +51,14 @@ finetune: base
 ## Merge adapters into the FP16 base, check parity -> artifacts/<run>/merge/
 merge: finetune
 	$(call STAGE,merge)
+
+## GPTQ 4-bit of each merged model (gptqmodel, CUDA or CPU) -> artifacts/<run>/gptq/
+gptq: merge
+	$(call STAGE,gptq)
+
+## GGUF F16 + k-quants with the pinned llama.cpp (converter + quantizer) -> artifacts/<run>/gguf/
+gguf: merge
+	$(call STAGE,gguf)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

@@ -8,6 +8,8 @@ import pytest
 from stages.base import BaseConfig
 from stages.finetune import FinetuneConfig
 from stages.generate import GenerateConfig
+from stages.gguf import GGUFConfig
+from stages.gptq import GPTQConfig
 from stages.merge import MergeConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
 
@@ -21,7 +23,8 @@ def write(tmp_path, text):
     return path
 
 
-STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
+STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
+                 "gptq": GPTQConfig, "gguf": GGUFConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -40,6 +43,10 @@ def test_paper_config_is_the_papers_recipe():
     assert ft.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     _, base = load_stage_config(ROOT / "configs" / "paper.toml", "base", BaseConfig)
     assert base.models == ["meta-llama/Llama-3.2-1B", "google/gemma-3-1b-pt"]
+    _, gptq = load_stage_config(ROOT / "configs" / "paper.toml", "gptq", GPTQConfig)
+    assert (gptq.bits, gptq.group_size, gptq.calibration_per_language) == (4, 128, 100)
+    _, gguf = load_stage_config(ROOT / "configs" / "paper.toml", "gguf", GGUFConfig)
+    assert gguf.types == ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -5,34 +5,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.toml")
+from conftest import ROOT, SMOKE, manifest, stage
+
 pytestmark = pytest.mark.integration
-
-
-def stage(name, artifacts_dir, *extra, check=True):
-    cmd = [sys.executable, "-m", f"stages.{name}", "--config", SMOKE, "--set", f"run.artifacts_dir='{artifacts_dir}'",
-           *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def manifest(run_dir, folder):
-    return json.loads((run_dir / folder / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    for name in ("generate", "base", "finetune", "merge"):
-        stage(name, root)
-    return root / "smoke"
 
 
 def test_base_is_a_loadable_tiny_llama(chain):

@@ -65,3 +65,15 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
     except KeyboardInterrupt:
         console.print(f"[yellow]{section} interrupted[/yellow]; rerun to start again (nothing was published)")
         return EXIT_INTERRUPTED
+
+
+def show_results(title: str, rows: dict[str, dict], columns: list[str]) -> None:
+    """One row per model/variant; a skipped row shows its reason."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in rows.items():
+        cells = [str(row.get(c, "")) for c in columns] if "skipped" not in row else [f"skipped: {row['skipped']}"]
+        table.add_row(name, *cells)
+    console.print(table)

@@ -40,3 +40,35 @@ def base_models(run_dir: Path) -> dict[str, dict]:
 def weights_dir(record: dict) -> Path:
     """The folder holding the weights: the base folder itself, or the hub snapshot it points to."""
     return Path(record["path"]) if record["kind"] == "hub" else Path(record["dir"])
+
+
+def quantization_sources(run_dir: Path) -> dict[str, dict]:
+    """slug -> what the quantization stages start from: the merged FP16 model, or a shape twin's weights.
+
+    Each entry has `spec`, `kind` ("merged" or "shape") and `path`; a model with neither carries `skipped`.
+    """
+    sources = {}
+    for slug, record in base_models(run_dir).items():
+        merged = run_dir / "merge" / slug
+        if (merged / "config.json").is_file():
+            sources[slug] = {"spec": record["spec"], "kind": "merged", "path": str(merged)}
+        elif record["kind"] == "shape":
+            sources[slug] = {"spec": record["spec"], "kind": "shape", "path": str(weights_dir(record))}
+        else:
+            sources[slug] = {"spec": record["spec"], "skipped": "no merged model (fine-tuning skipped)"}
+    return sources
+
+
+def count_parameters(folder: Path) -> int:
+    """Parameters stored in a model folder's safetensors files (read from their headers only)."""
+    from math import prod
+    from safetensors import safe_open
+    total = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "np") as tensors:
+            total += sum(prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+    return total
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

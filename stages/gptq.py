@@ -1,0 +1,138 @@
+"""gptq: 4-bit GPTQ (gptqmodel) of each merged FP16 model, and of a shape twin's weights directly.
+
+Calibration: prompt+completion texts from the training split, `calibration_per_language` per
+language (the paper's notebook: 100 English, 100 Croatian, 100 Spanish), drawn with a fixed seed.
+Runs on CUDA, or on the CPU (gptqmodel's CPU worker pool is sized here: GPTQMODEL_CPU_WORKERS >= 2).
+The result is loaded back to record the inference kernel gptqmodel picks and the share of greedy
+answers identical to the FP16 model's on validation prompts (recorded, not a gate).
+
+    python -m stages.gptq --config configs/tiny.toml
+    python -m stages.gptq --config configs/smoke.toml        # seconds
+
+Writes artifacts/<run>/gptq/<slug>/: a folder both gptqmodel and transformers load
+(model.safetensors, quantize_config.json, config.json with its quantization_config, tokenizer).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib.config import as_dict, require
+from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
+
+PACKAGES = ["torch", "transformers", "gptqmodel", "optimum", "safetensors"]
+
+
+@dataclass
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 128               # -1: one group per row
+    calibration_per_language: int = 100
+    calibration_seed: int = 42
+    calibration_min_tokens: int = 10    # gptqmodel drops shorter texts (its calibration_data_min_length)
+    batch_size: int = 8                 # calibration texts per forward pass
+    parity_prompts: int = 100           # validation prompts compared with the FP16 model (0: skip)
+
+    def validate(self) -> None:
+        require(self.bits in (2, 3, 4, 8), "bits", "2, 3, 4 or 8")
+        require(self.group_size == -1 or self.group_size in (32, 64, 128, 256), "group_size",
+                "-1, 32, 64, 128 or 256")
+        require(self.calibration_per_language >= 1, "calibration_per_language", "an integer >= 1")
+        require(self.calibration_min_tokens >= 1, "calibration_min_tokens", "an integer >= 1")
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        require(self.parity_prompts >= 0, "parity_prompts", "an integer >= 0")
+
+
+def calibration_texts(train: list[dict], per_language: int, seed: int) -> tuple[list[str], dict[str, int]]:
+    """Language-balanced prompt+completion texts, the format the model was fine-tuned on."""
+    from stages.lib.task import build_completion, build_prompt
+    rng = random.Random(seed)
+    texts, counts = [], {}
+    for lang in sorted({ex["lang"] for ex in train}):
+        pool = [ex for ex in train if ex["lang"] == lang]
+        chosen = rng.sample(pool, min(per_language, len(pool)))
+        texts += [build_prompt(ex["text"]) + build_completion(ex["action"], ex["product"], ex["quantity"])
+                  for ex in chosen]
+        counts[lang] = len(chosen)
+    return texts, counts
+
+
+def quantize_one(source: dict, cfg: GPTQConfig, texts: list[str], probe: list[str], out: Path) -> dict:
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from stages.lib.backends import GPTQBackend, TransformersBackend, agreement
+
+    record = {"source": source["kind"], "bits": cfg.bits, "group_size": cfg.group_size,
+              "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    with artifacts.timer(record, "load_fp16_s"):
+        model = GPTQModel.load(source["path"], QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size))
+    lengths = [len(model.tokenizer(text)["input_ids"]) for text in texts]
+    record["calibration_texts_used"] = sum(n >= cfg.calibration_min_tokens for n in lengths)
+    record["calibration_mean_tokens"] = round(sum(lengths) / len(lengths), 1)
+    # gptqmodel writes a scratch log under ./logs: keep it out of the working tree (quant_log.csv is saved)
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch), artifacts.timer(record, "quantize_s"):
+        model.quantize(texts, batch_size=cfg.batch_size, calibration_data_min_length=cfg.calibration_min_tokens)
+    model.save(str(out))
+    del model
+
+    parameters = count_parameters(Path(source["path"]))
+    record.update(parameters=parameters, bytes=safetensors_bytes(out), fp16_bytes=safetensors_bytes(Path(source["path"])))
+    record["bits_per_weight"] = round(8 * record["bytes"] / parameters, 3)
+    record["size_vs_fp16"] = round(record["bytes"] / record["fp16_bytes"], 4)
+    with artifacts.timer(record, "load_quantized_s"):
+        quantized = GPTQBackend.load(out)
+    record["kernel"] = quantized.kernel
+    if source["kind"] == "shape" or not probe:
+        record["parity"] = {"skipped": "shape twin: random weights" if probe else "parity_prompts = 0"}
+        return record
+    reference = [c.text for c in TransformersBackend.load(Path(source["path"])).generate(probe)]
+    outputs = [c.text for c in quantized.generate(probe)]
+    record["parity"] = {"prompts": len(probe), "identical_to_fp16": round(agreement(outputs, reference), 4)}
+    return record
+
+
+def run(run_cfg, cfg: GPTQConfig, args) -> int:
+    run_dir = run_cfg.run_dir
+    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
+                 "base": artifacts.require_stage(run_dir, "base", "base"),
+                 "merge": artifacts.require_stage(run_dir, "merge", "merge")}
+    stage = artifacts.StageRun("gptq", "gptq", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
+                               artifacts.code_hash(__file__), PACKAGES)
+    if cli.already_done(stage, args):
+        return 0
+    from stages.lib.task import build_prompt
+    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
+    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    texts, per_language = calibration_texts(train, cfg.calibration_per_language, cfg.calibration_seed)
+    probe = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
+    out = stage.fresh_tmp()
+    results = {}
+    for slug, source in quantization_sources(run_dir).items():
+        if "skipped" in source:
+            results[slug] = source
+            continue
+        cli.console.rule(f"GPTQ {cfg.bits}-bit {source['spec']} ({source['kind']})")
+        results[slug] = {"spec": source["spec"], "calibration_per_language": per_language,
+                         **quantize_one(source, cfg, texts, probe, out / slug)}
+    stage.results["models"] = results
+    stage.publish()
+    rows = {slug: {**r, "identical_to_fp16": r.get("parity", {}).get("identical_to_fp16", "-")}
+            for slug, r in results.items()}
+    cli.show_results("GPTQ", rows, ["bits_per_weight", "bytes", "quantize_s", "kernel", "identical_to_fp16"])
+    return 0
+
+
+def main(argv=None) -> int:
+    # gptqmodel refuses to start on a 2-core CPU unless its loader pool may use 2 workers
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    return cli.run_stage(__doc__, "gptq", GPTQConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
