@@ -17,7 +17,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)
 export FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf test test-unit clean venv
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate test test-unit clean venv
 
 ## Show this help
 help:
@@ -34,7 +34,7 @@ $(STAMP): requirements/*.txt
 venv: $(STAMP)
 
 ## Run every stage in order on CONFIG (default: the embedded tiny model)
-all: gptq gguf
+all: evaluate baseline
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
 generate: $(STAMP)
@@ -59,6 +59,14 @@ gptq: merge
 ## GGUF F16 + k-quants with the pinned llama.cpp (converter + quantizer) -> artifacts/<run>/gguf/
 gguf: merge
 	$(call STAGE,gguf)
+
+## Few-shot baselines: base models (transformers) and API models (OpenAI-compatible) -> artifacts/<run>/baseline/
+baseline: base
+	$(call STAGE,baseline)
+
+## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/
+evaluate: gptq gguf
+	$(call STAGE,evaluate)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

@@ -31,3 +31,11 @@ def chain(tmp_path_factory):
     for name in ("generate", "base", "finetune", "merge"):
         stage(name, root)
     return root / "smoke"
+
+
+@pytest.fixture(scope="session")
+def quantized(chain):
+    """The smoke run after gptq and gguf too."""
+    stage("gptq", chain.parent)
+    stage("gguf", chain.parent)
+    return chain

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from stages.base import BaseConfig
+from stages.baseline import BaselineConfig
+from stages.evaluate import EvaluateConfig
 from stages.finetune import FinetuneConfig
 from stages.generate import GenerateConfig
 from stages.gguf import GGUFConfig
@@ -24,7 +26,7 @@ def write(tmp_path, text):
 
 
 STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
-                 "gptq": GPTQConfig, "gguf": GGUFConfig}
+                 "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -47,6 +49,8 @@ def test_paper_config_is_the_papers_recipe():
     assert (gptq.bits, gptq.group_size, gptq.calibration_per_language) == (4, 128, 100)
     _, gguf = load_stage_config(ROOT / "configs" / "paper.toml", "gguf", GGUFConfig)
     assert gguf.types == ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
+    _, baseline = load_stage_config(ROOT / "configs" / "paper.toml", "baseline", BaselineConfig)
+    assert baseline.api_models == ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"] and len(baseline.models) == 5
 
 
 @pytest.mark.parametrize("text, needle", [

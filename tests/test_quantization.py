@@ -14,13 +14,6 @@ pytestmark = pytest.mark.integration
 PROMPT = build_prompt("dodaj 3 paste za zube")
 
 
-@pytest.fixture(scope="module")
-def quantized(chain):
-    stage("gptq", chain.parent)
-    stage("gguf", chain.parent)
-    return chain
-
-
 def smoke_types():
     import tomllib
     return tomllib.loads(open(SMOKE).read())["gguf"]["types"]

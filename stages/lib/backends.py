@@ -1,8 +1,10 @@
 """One inference interface over three back ends: transformers, GPTQ folders and GGUF files.
 
-`backend.generate(prompts)` returns one `Completion` per prompt (raw text, token counts,
-seconds), greedy, stopped once the JSON object closes or after `max_new_tokens`. Quantization
-parity, evaluation and profiling all call this, so a variant is scored and timed by one code path.
+`backend.generate(prompts)` returns one `Completion` per prompt (raw text, token counts, model
+calls, seconds), greedy, stopped once the JSON object closes or after `max_new_tokens`;
+`generate(prompts, constrained=True)` decodes only valid answers with jump-forward
+(stages/lib/constrained.py). Quantization parity, evaluation and profiling all call this, so a
+variant is scored and timed by one code path.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import constrained as schema_decoding
 from .generation import ANSWER_TOKENS
 
 
@@ -20,6 +23,31 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    model_calls: int = 0     # forward passes after the prompt's (free decoding: one per new token)
+
+
+_SCHEMA = None
+
+
+def answer_schema() -> schema_decoding.AnswerSchema:
+    global _SCHEMA
+    if _SCHEMA is None:
+        from .catalog import load_catalog
+        _SCHEMA = schema_decoding.AnswerSchema(load_catalog().names)
+    return _SCHEMA
+
+
+def constrained_generate(backend, prompts: list[str]) -> list[Completion]:
+    """Schema-constrained greedy answers, one prompt at a time, through the back end's stepper."""
+    stepper, results = backend.stepper(), []
+    for prompt in prompts:
+        began = time.perf_counter()
+        result = schema_decoding.decode(stepper, backend.vocabulary(), answer_schema(), prompt)
+        prompt_ids = stepper.tokenize(prompt)
+        new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
+        results.append(Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began,
+                                  result.model_calls))
+    return results
 
 
 def answer_text(text: str) -> str:
@@ -53,9 +81,24 @@ class TransformersBackend:
                                                      device_map="auto" if cuda else "cpu")
         return cls(model if cuda else model.float(), AutoTokenizer.from_pretrained(path), f"{dtype} {path}")
 
-    def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS,
-                 batch_size: int = 32) -> list[Completion]:
+    def vocabulary(self) -> schema_decoding.Vocabulary:
+        if not hasattr(self, "_vocabulary"):
+            tok = self.tokenizer
+            anchor = tok("a", add_special_tokens=False)["input_ids"][-1]  # decode in context keeps leading spaces
+            base = tok.decode([anchor])
+            texts = tok.batch_decode([[anchor, t] for t in range(len(tok))], skip_special_tokens=True)
+            self._vocabulary = schema_decoding.Vocabulary([s[len(base):] if s.startswith(base) else ""
+                                                           for s in texts])
+        return self._vocabulary
+
+    def stepper(self) -> "_TransformersStepper":
+        return _TransformersStepper(self.model, self.tokenizer)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 32,
+                 constrained: bool = False) -> list[Completion]:
         import torch
+        if constrained:
+            return constrained_generate(self, prompts)
         tok, results = self.tokenizer, []
         self.model.eval()
         for start in range(0, len(prompts), batch_size):
@@ -70,8 +113,31 @@ class TransformersBackend:
             for row, mask in zip(new.tolist(), batch["attention_mask"].tolist()):
                 ended = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
                 results.append(Completion(tok.decode(row[:ended], skip_special_tokens=True),
-                                          sum(mask), ended, seconds))
+                                          sum(mask), ended, seconds, ended))
         return results
+
+
+class _TransformersStepper:
+    """Next-token logits for a token sequence, reusing the KV cache of the longest common prefix."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.ids, self.cache = model, tokenizer, [], None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def logits(self, ids: list[int]):
+        import torch
+        keep = min(schema_decoding.common_prefix(self.ids, ids), len(ids) - 1)
+        if keep == 0:
+            self.cache = None
+        elif keep < len(self.ids):
+            self.cache.crop(keep - len(self.ids))  # transformers 5: a negative count of tokens to drop
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids[keep:]], device=self.model.device),
+                             past_key_values=self.cache, use_cache=True)
+        self.cache, self.ids = out.past_key_values, list(ids)
+        return out.logits[0, -1].float().cpu().numpy()
 
 
 class GPTQBackend(TransformersBackend):
@@ -102,7 +168,27 @@ class GGUFBackend:
         self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
                          n_threads_batch=n_threads or os.cpu_count(), verbose=False)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS) -> list[Completion]:
+    def vocabulary(self) -> schema_decoding.Vocabulary:
+        if not hasattr(self, "_vocabulary"):
+            import ctypes
+            import llama_cpp
+            vocab, buffer, pieces = self.llm._model.vocab, ctypes.create_string_buffer(256), []
+            for token in range(self.llm.n_vocab()):
+                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+                pieces.append(buffer.raw[:n].decode("utf-8", errors="replace") if n > 0 else "")
+            self._vocabulary = schema_decoding.Vocabulary(pieces)
+        return self._vocabulary
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def stepper(self) -> "_LlamaStepper":
+        return _LlamaStepper(self.llm)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS,
+                 constrained: bool = False) -> list[Completion]:
+        if constrained:
+            return constrained_generate(self, prompts)
         llm, results = self.llm, []
         eos = llm.token_eos()
         for prompt in prompts:
@@ -115,5 +201,22 @@ class GGUFBackend:
                 if b"}" in llm.detokenize([token]) or len(new) >= max_new_tokens:
                     break
             text = llm.detokenize(new, prev_tokens=tokens).decode("utf-8", errors="replace")
-            results.append(Completion(text, len(tokens), len(new), time.perf_counter() - began))
+            results.append(Completion(text, len(tokens), len(new), time.perf_counter() - began, len(new)))
         return results
+
+
+class _LlamaStepper:
+    """llama.cpp's logits for the last token, keeping the KV cache of the longest common prefix."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def logits(self, ids: list[int]):
+        import numpy as np
+        llm = self.llm
+        llm.n_tokens = min(schema_decoding.common_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids), len(ids) - 1)
+        llm.eval(ids[llm.n_tokens:])
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()

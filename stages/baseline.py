@@ -1,0 +1,169 @@
+"""baseline: the paper's comparison rows, few-shot prompting of models that were not fine-tuned.
+
+k examples from the training split (balanced over languages, fixed seed) precede each test message,
+built by the same prompt builder and scored by the same scorer as the fine-tuned variants.
+- Open-weight base models through transformers: "tiny" (this run's base), HF ids or local folders.
+- API models through any OpenAI-compatible endpoint (OpenAI with OPENAI_API_KEY, or vLLM, Ollama, a
+  llama.cpp server via `api_base_url`), with bounded concurrency, retries and an on-disk response cache
+  (artifacts/<run>/.cache/api/responses.jsonl) so a rerun or an interrupted run pays nothing twice.
+A model that cannot be used here (no weights, no key, endpoint down) is recorded as skipped with its reason.
+
+    python -m stages.baseline --config configs/tiny.toml
+    python -m stages.baseline --config configs/smoke.toml --set 'baseline.api_models=["m"]' \
+        --set baseline.api_base_url='"http://127.0.0.1:8080/v1"'
+
+Writes artifacts/<run>/baseline/results.json and predictions/<model>.jsonl.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib.config import as_dict, require
+from stages.lib.models import SHAPE_TWINS
+
+PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
+
+
+@dataclass
+class BaselineConfig:
+    shots: int = 3                      # few-shot examples before each message
+    shot_seed: int = 42
+    models: list[str] = field(default_factory=lambda: ["tiny"])   # open-weight: "tiny", HF ids, folders
+    api_models: list[str] = field(default_factory=list)           # e.g. ["gpt-4.1", "gpt-4.1-mini"]
+    api_base_url: str = ""              # "": OpenAI; any OpenAI-compatible /v1 URL otherwise
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never written anywhere
+    api_mode: str = "chat"              # "chat" or "completion"
+    api_concurrency: int = 4
+    api_max_retries: int = 6
+    api_backoff_s: float = 1.0          # first retry delay, doubled each time
+    api_timeout_s: float = 60.0
+    api_max_requests: int = 5000        # budget guard over the whole stage
+    batch_size: int = 16
+    limit: int = 0                      # first N test examples only (0: all)
+
+    def validate(self) -> None:
+        require(0 <= self.shots <= 12, "shots", "an integer in [0, 12]")
+        require(self.api_mode in ("chat", "completion"), "api_mode", '"chat" or "completion"')
+        require(self.api_base_url == "" or self.api_base_url.startswith(("http://", "https://")), "api_base_url",
+                '"" (OpenAI) or an http(s):// URL')
+        for key in ("api_concurrency", "batch_size", "api_max_requests"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1")
+        require(self.api_max_retries >= 0 and self.api_backoff_s >= 0 and self.api_timeout_s > 0, "api_max_retries",
+                "retries >= 0, backoff >= 0 and timeout > 0")
+        require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
+
+
+def pick_shots(train: list[dict], k: int, seed: int) -> list[dict]:
+    """k examples, languages taken in turn, each drawn with a fixed seed."""
+    rng = random.Random(seed)
+    by_lang = {lang: [ex for ex in train if ex["lang"] == lang] for lang in sorted({ex["lang"] for ex in train})}
+    langs = list(by_lang)
+    return [rng.choice(by_lang[langs[i % len(langs)]]) for i in range(k)]
+
+
+def open_weight_path(spec: str, run_dir: Path) -> Path:
+    """Where the model's weights are; raises RuntimeError with the reason it cannot be used here."""
+    if spec in SHAPE_TWINS:
+        raise RuntimeError("shape twin: random weights, accuracy is meaningless")
+    if spec == "tiny":
+        folder = run_dir / "base" / "tiny"
+        if not (folder / "config.json").is_file():
+            raise RuntimeError(f"{folder} is missing: add \"tiny\" to base.models and run `make base`")
+        return folder
+    if Path(spec).is_dir():
+        return Path(spec)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(spec, token=os.environ.get("HF_TOKEN") or None,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # noqa: BLE001 - any hub failure means "not usable here", with its reason
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RuntimeError(f"weights unavailable ({type(err).__name__}: {first_line}); set HF_TOKEN and accept "
+                           f"the model's licence, or give a local folder") from None
+
+
+def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConfig):
+    from stages.lib.backends import TransformersBackend
+    backend = TransformersBackend.load(path)
+    began = time.perf_counter()
+    answers = backend.generate(prompts, batch_size=cfg.batch_size)
+    return answers, {"examples_per_s": round(len(prompts) / (time.perf_counter() - began), 2)}
+
+
+def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
+    from rich.progress import Progress
+    from stages.lib.api_client import OpenAICompatible
+    from stages.lib.generation import ANSWER_TOKENS
+    client = OpenAICompatible(model, cfg.api_base_url, cfg.api_key_env, cache, cfg.api_mode, cfg.api_concurrency,
+                              cfg.api_max_retries, cfg.api_timeout_s, cfg.api_max_requests, cfg.api_backoff_s,
+                              log=lambda line: cli.console.print(f"[yellow]{line}[/yellow]"))
+    began = time.perf_counter()
+    with Progress(console=cli.console) as bar:
+        task = bar.add_task(model, total=len(prompts))
+        answers = client.answer_all(prompts, ANSWER_TOKENS, on_done=lambda: bar.advance(task))
+    return answers, {"examples_per_s": round(len(prompts) / (time.perf_counter() - began), 2),
+                     "endpoint": client.base_url, **client.stats}
+
+
+def run(run_cfg, cfg: BaselineConfig, args) -> int:
+    run_dir = run_cfg.run_dir
+    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate")}
+    if "tiny" in cfg.models:
+        manifests["base"] = artifacts.require_stage(run_dir, "base", "base")
+    stage = artifacts.StageRun("baseline", "baseline", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
+                               artifacts.code_hash(__file__), PACKAGES)
+    if cli.already_done(stage, args):
+        return 0
+    from stages.lib.api_client import ApiUnavailable, ResponseCache
+    from stages.lib.catalog import load_catalog
+    from stages.lib.metrics import score, summarize
+    from stages.lib.task import build_prompt
+    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
+    examples = artifacts.read_jsonl(run_dir / "data" / "test.jsonl")[: cfg.limit or None]
+    shots = pick_shots(train, cfg.shots, cfg.shot_seed)
+    prompts = [build_prompt(ex["text"], shots) for ex in examples]
+    catalog_names = set(load_catalog().names)
+    cache = ResponseCache(run_dir / ".cache" / "api" / "responses.jsonl")
+    out = stage.fresh_tmp()
+    (out / "predictions").mkdir()
+    rows = []
+    candidates = [("open-weight", m) for m in cfg.models] + [("api", m) for m in cfg.api_models]
+    for kind, name in candidates:
+        cli.console.rule(f"{name} ({kind}, {cfg.shots}-shot)")
+        try:
+            if kind == "api":
+                answers, extra = run_api(name, prompts, cfg, cache)
+            else:
+                answers, extra = run_open_weight(name, open_weight_path(name, run_dir), prompts, cfg)
+        except (RuntimeError, ApiUnavailable) as err:
+            cli.console.print(f"[yellow]skipped[/yellow] {name}: {err}")
+            rows.append({"model": name, "kind": kind, "skipped": str(err)})
+            continue
+        scored = score(examples, answers, catalog_names)
+        artifacts.write_jsonl(out / "predictions" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl", scored)
+        rows.append({"model": name, "kind": kind, "shots": cfg.shots, **summarize(scored), **extra})
+    artifacts.write_json(out / "results.json", {"shots": [ex["id"] for ex in shots], "examples": len(examples),
+                                                "rows": rows})
+    stage.results.update(examples=len(examples), shot_ids=[ex["id"] for ex in shots],
+                         rows=[{k: v for k, v in r.items() if k not in ("by_noise", "top_confusions")} for r in rows])
+    stage.publish()
+    cli.show_results(f"few-shot baselines ({cfg.shots}-shot, {len(examples)} examples)",
+                     {r["model"]: r if "skipped" in r else {"EM": r["exact_match"], "95% CI": r["exact_match_ci95"],
+                                                            "valid": r["json_valid"], "ex/s": r["examples_per_s"]}
+                      for r in rows}, ["EM", "95% CI", "valid", "ex/s"])
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run_stage(__doc__, "baseline", BaselineConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

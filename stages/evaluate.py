@@ -1,0 +1,191 @@
+"""evaluate: exact match of every fine-tuned variant (merged FP16, GPTQ, each GGUF), free and schema-constrained.
+
+Each variant answers every test example through the shared inference layer (stages/lib/backends.py);
+every prediction is saved. Metrics: strict exact match with a 95% Wilson interval, JSON validity,
+accuracy per field, per language, per noise kind and per quantity bucket, the top confusions, and an
+exact McNemar test of each variant against the merged FP16 model (free decoding). Speed: examples per
+second, batched and at batch size 1 (transformers and GPTQ; the two must give identical answers),
+and model calls per answer (constrained decoding forces the schema's fixed text without a decode step).
+
+    python -m stages.evaluate --config configs/tiny.toml
+    python -m stages.evaluate --config configs/smoke.toml --constrained        # constrained only
+    python -m stages.evaluate --config configs/tiny.toml --data my.jsonl       # -> eval-my/
+
+Writes artifacts/<run>/eval/results.json (one row per variant and decoding mode) and
+predictions/<slug>__<variant>__<decoding>.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib.config import ConfigError, as_dict, require
+from stages.lib.models import quantization_sources
+
+PACKAGES = ["torch", "transformers", "gptqmodel", "llama-cpp-python"]
+DECODING = ("free", "constrained")
+
+
+@dataclass
+class EvaluateConfig:
+    decoding: list[str] = field(default_factory=lambda: ["free", "constrained"])
+    batch_size: int = 32          # transformers and GPTQ back ends (left-padded batches)
+    batch1_sample: int = 64       # examples also run at batch size 1: speed-up and identical answers
+    limit: int = 0                # evaluate only the first N examples (0: all)
+    threads: int = 0              # llama.cpp threads; 0: every core
+
+    def validate(self) -> None:
+        require(self.decoding and set(self.decoding) <= set(DECODING), "decoding", '"free" and/or "constrained"')
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        require(self.batch1_sample >= 0, "batch1_sample", "an integer >= 0")
+        require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
+        require(self.threads >= 0, "threads", "an integer >= 0")
+
+
+def read_examples(path: Path) -> list[dict]:
+    """Labelled examples; a malformed line stops with its number and what is wrong."""
+    from stages.lib.task import ACTIONS
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: expected a JSON object with text, action, product, quantity")
+        missing = [k for k in ("text", "action", "product", "quantity") if k not in row]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ConfigError(f"{where}: text must be a non-empty string")
+        if row["action"] not in ACTIONS:
+            raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)}, not {row['action']!r}")
+        if type(row["quantity"]) is not int or row["quantity"] < 1:
+            raise ConfigError(f"{where}: quantity must be a positive integer, not {row['quantity']!r}")
+        examples.append({"id": row.get("id", f"line-{number}"), "lang": row.get("lang", "unknown"),
+                         "noise": row.get("noise", []), **{k: row[k] for k in ("text", "action", "product", "quantity")}})
+    if not examples:
+        raise ConfigError(f"{path}: no examples")
+    return examples
+
+
+def variants(run_dir: Path) -> dict[str, dict]:
+    """'<slug>/<variant>' -> back end kind and path, for every fine-tuned model's formats."""
+    found = {}
+    for slug, source in quantization_sources(run_dir).items():
+        if source.get("kind") != "merged":
+            found[slug] = {"skipped": source.get("skipped", "shape twin: random weights, accuracy is meaningless")}
+            continue
+        found[f"{slug}/fp16"] = {"kind": "transformers", "path": run_dir / "merge" / slug}
+        if (run_dir / "gptq" / slug / "quantize_config.json").is_file():
+            found[f"{slug}/gptq"] = {"kind": "gptq", "path": run_dir / "gptq" / slug}
+        for gguf in sorted((run_dir / "gguf" / slug).glob("model-*.gguf")):
+            found[f"{slug}/gguf-{gguf.stem.removeprefix('model-')}"] = {"kind": "gguf", "path": gguf}
+    return found
+
+
+def load_backend(kind: str, path: Path, threads: int):
+    from stages.lib.backends import GGUFBackend, GPTQBackend, TransformersBackend
+    if kind == "gguf":
+        return GGUFBackend(path, n_threads=threads or None)
+    return GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path)
+
+
+def run_variant(backend, kind: str, prompts: list[str], mode: str, cfg: EvaluateConfig) -> tuple[list, dict]:
+    """All answers of one variant in one decoding mode, with its speed record."""
+    constrained = mode == "constrained"
+    kwargs = {"batch_size": cfg.batch_size} if kind != "gguf" and not constrained else {}
+    began = time.perf_counter()
+    completions = backend.generate(prompts, constrained=constrained, **kwargs)
+    seconds = time.perf_counter() - began
+    speed = {"examples_per_s": round(len(prompts) / seconds, 2), "wall_s": round(seconds, 2),
+             "model_calls_per_answer": round(sum(c.model_calls for c in completions) / len(completions), 2),
+             "generated_tokens_per_answer": round(sum(c.completion_tokens for c in completions) / len(completions), 2)}
+    if kwargs and cfg.batch1_sample:  # batched generation must not change any answer
+        sample = prompts[: cfg.batch1_sample]
+        began = time.perf_counter()
+        single = backend.generate(sample, batch_size=1)
+        speed["batch1_examples_per_s"] = round(len(sample) / (time.perf_counter() - began), 2)
+        speed["batch1_identical"] = [c.text for c in single] == [c.text for c in completions[: len(sample)]]
+        speed["batched_speedup"] = round(speed["examples_per_s"] / speed["batch1_examples_per_s"], 2)
+    return completions, speed
+
+
+def run(run_cfg, cfg: EvaluateConfig, args) -> int:
+    if args.constrained:
+        cfg.decoding = ["constrained"]
+    run_dir = run_cfg.run_dir
+    manifests = {name: artifacts.require_stage(run_dir, name, target) for name, target in
+                 (("data", "generate"), ("merge", "merge"), ("gptq", "gptq"), ("gguf", "gguf"))}
+    data_path = Path(args.data) if args.data else run_dir / "data" / "test.jsonl"
+    if not data_path.is_file():
+        raise ConfigError(f"--data {data_path}: no such file")
+    inputs = {**artifacts.input_fingerprint(manifests), "examples": artifacts.sha256_file(data_path)}
+    folder = f"eval-{data_path.stem}" if args.data else "eval"
+    stage = artifacts.StageRun("evaluate", folder, run_dir, as_dict(cfg), inputs, artifacts.code_hash(__file__),
+                               PACKAGES)
+    if cli.already_done(stage, args):
+        return 0
+    from stages.lib.catalog import load_catalog
+    from stages.lib.metrics import mcnemar, score, summarize
+    from stages.lib.task import build_prompt
+    examples = read_examples(data_path)[: cfg.limit or None]
+    prompts = [build_prompt(ex["text"]) for ex in examples]
+    catalog_names = set(load_catalog().names)
+    out = stage.fresh_tmp()
+    (out / "predictions").mkdir()
+    rows, reference = [], {}
+    for name, variant in variants(run_dir).items():
+        if "skipped" in variant:
+            rows.append({"variant": name, "skipped": variant["skipped"]})
+            continue
+        cli.console.rule(f"{name} ({variant['kind']})")
+        backend = load_backend(variant["kind"], variant["path"], cfg.threads)
+        for mode in cfg.decoding:
+            completions, speed = run_variant(backend, variant["kind"], prompts, mode, cfg)
+            scored = score(examples, completions, catalog_names)
+            artifacts.write_jsonl(out / "predictions" / f"{name.replace('/', '__')}__{mode}.jsonl", scored)
+            slug = name.split("/")[0]
+            reference.setdefault(slug, [r["correct"] for r in scored])  # the first row: fp16, free or constrained
+            row = {"variant": name, "model": slug, "backend": variant["kind"], "decoding": mode,
+                   "kernel": getattr(backend, "kernel", None), **summarize(scored), **speed,
+                   "mcnemar_vs_fp16": mcnemar(reference[slug], [r["correct"] for r in scored])}
+            rows.append(row)
+            cli.console.print(f"{name} {mode}: exact match {row['exact_match']:.3f} {row['exact_match_ci95']}, "
+                              f"valid {row['json_valid']:.3f}, {row['examples_per_s']} ex/s")
+        if hasattr(backend, "close"):
+            backend.close()
+    by_key = {(r["variant"], r["decoding"]): r for r in rows if "skipped" not in r}
+    for (name, mode), row in by_key.items():
+        if mode == "constrained" and (name, "free") in by_key:
+            row["constrained_minus_free"] = round(row["exact_match"] - by_key[(name, "free")]["exact_match"], 4)
+    artifacts.write_json(out / "results.json", {"data": str(data_path), "examples": len(examples), "rows": rows})
+    stage.results.update(data=str(data_path), examples=len(examples),
+                         rows=[{k: v for k, v in r.items() if k not in ("by_noise", "top_confusions")} for r in rows])
+    stage.publish()
+    display = {f"{r['variant']} {r.get('decoding', '')}": r if "skipped" in r else {
+        "EM": r["exact_match"], "95% CI": r["exact_match_ci95"], "valid": r["json_valid"], "ex/s": r["examples_per_s"],
+        "calls": r["model_calls_per_answer"], "p vs fp16": r["mcnemar_vs_fp16"]["p_value"]} for r in rows}
+    cli.show_results(f"exact match on {data_path.name} ({len(examples)} examples)", display,
+                     ["EM", "95% CI", "valid", "ex/s", "calls", "p vs fp16"])
+    return 0
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--data", help="a JSONL of labelled examples to score instead of the test split")
+    parser.add_argument("--constrained", action="store_true", help="schema-constrained decoding only")
+
+
+def main(argv=None) -> int:
+    return cli.run_stage(__doc__, "evaluate", EvaluateConfig, run, argv, add_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

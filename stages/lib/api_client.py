@@ -1,0 +1,146 @@
+"""An OpenAI-compatible client for paid or remote models: bounded concurrency, retries with exponential
+backoff on 429/5xx/timeouts/refused connections, a request budget, and an append-only on-disk cache
+keyed by endpoint + model + request, so an interrupted or repeated run pays for nothing twice.
+
+The API key is read from the environment variable named in the config and handed to the `openai`
+client only; it is never part of a cache key, a cached record, a log line or a manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+class ApiUnavailable(Exception):
+    """The endpoint cannot be used (no key, unreachable after retries, refused, budget spent)."""
+
+
+@dataclass
+class ApiAnswer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    cached: bool
+
+
+class ResponseCache:
+    """Append-only JSONL: one line per paid answer, written as soon as it arrives."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock, self.records = path, threading.Lock(), {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+                except (ValueError, KeyError):
+                    continue  # a line cut by an interrupt: that request is simply asked again
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def put(self, record: dict) -> None:
+        with self.lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            self.records[record["key"]] = record
+
+
+class OpenAICompatible:
+    def __init__(self, model: str, base_url: str, key_env: str, cache: ResponseCache, mode: str = "chat",
+                 concurrency: int = 4, max_retries: int = 6, timeout_s: float = 60, max_requests: int = 5000,
+                 backoff_s: float = 1.0, log=print):
+        import openai
+        self.base_url = (base_url or OPENAI_URL).rstrip("/")
+        key = os.environ.get(key_env, "")
+        if not key and self.base_url == OPENAI_URL:
+            raise ApiUnavailable(f"{key_env} is not set")
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key or "not-needed", max_retries=0,
+                                    timeout=timeout_s)
+        self.model, self.cache, self.mode = model, cache, mode
+        self.concurrency, self.max_retries, self.backoff_s = concurrency, max_retries, backoff_s
+        self.budget, self.lock, self.log = max_requests, threading.Lock(), log
+        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
+
+    def _payload(self, prompt: str, max_tokens: int) -> dict:
+        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens}
+        if self.mode == "chat":
+            return {**body, "messages": [{"role": "user", "content": prompt}]}
+        return {**body, "prompt": prompt}
+
+    def _key(self, payload: dict) -> str:
+        return hashlib.sha256(json.dumps([self.base_url, payload], sort_keys=True).encode()).hexdigest()
+
+    def _call(self, payload: dict):
+        import openai
+        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                     openai.APIConnectionError)
+        for attempt in range(self.max_retries + 1):
+            with self.lock:
+                if self.budget <= 0:
+                    raise ApiUnavailable("request budget (baseline.api_max_requests) spent")
+                self.budget -= 1
+                self.stats["requests"] += 1
+            try:
+                if self.mode == "chat":
+                    return self.client.chat.completions.create(**payload)
+                return self.client.completions.create(**payload)
+            except retryable as err:
+                if attempt == self.max_retries:
+                    raise ApiUnavailable(f"{self.base_url} failed {attempt + 1} times: {type(err).__name__}") from None
+                delay = self.backoff_s * 2**attempt * (1 + random.random() / 4)
+                with self.lock:
+                    self.stats["retries"] += 1
+                self.log(f"{self.model}: {type(err).__name__}, retry {attempt + 1}/{self.max_retries} in {delay:.1f} s")
+                time.sleep(delay)
+            except openai.APIStatusError as err:  # 400/401/403/404: retrying cannot help
+                raise ApiUnavailable(f"{self.base_url} answered {err.status_code} for model {self.model}") from None
+
+    def answer(self, prompt: str, max_tokens: int) -> ApiAnswer:
+        payload = self._payload(prompt, max_tokens)
+        key = self._key(payload)
+        cached = self.cache.get(key)
+        if cached:
+            with self.lock:
+                self.stats["cache_hits"] += 1
+            return ApiAnswer(cached["text"], cached["prompt_tokens"], cached["completion_tokens"],
+                             cached["seconds"], True)
+        began = time.perf_counter()
+        response = self._call(payload)
+        choice = response.choices[0]
+        text = (choice.message.content if self.mode == "chat" else choice.text) or ""
+        usage = response.usage
+        record = {"key": key, "model": self.model, "text": text, "seconds": round(time.perf_counter() - began, 4),
+                  "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                  "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
+        self.cache.put(record)
+        return ApiAnswer(text, record["prompt_tokens"], record["completion_tokens"], record["seconds"], False)
+
+    def answer_all(self, prompts: list[str], max_tokens: int, on_done=None) -> list[ApiAnswer]:
+        """Answers in prompt order; the first unrecoverable error stops the rest (cached answers stay)."""
+        stop = threading.Event()
+
+        def one(prompt):
+            if stop.is_set():
+                raise ApiUnavailable("stopped after an earlier failure")
+            try:
+                result = self.answer(prompt, max_tokens)
+            except ApiUnavailable:
+                stop.set()
+                raise
+            if on_done:
+                on_done()
+            return result
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(one, prompts))
