@@ -71,7 +71,9 @@ def quantize_one(source: dict, cfg: GPTQConfig, texts: list[str], probe: list[st
     record = {"source": source["kind"], "bits": cfg.bits, "group_size": cfg.group_size,
               "device": "cuda" if torch.cuda.is_available() else "cpu"}
     with artifacts.timer(record, "load_fp16_s"):
-        model = GPTQModel.load(source["path"], QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size))
+        # absolute: gptqmodel reads the checkpoint lazily during quantize(), which runs in another cwd
+        model = GPTQModel.load(str(Path(source["path"]).resolve()),
+                               QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size))
     lengths = [len(model.tokenizer(text)["input_ids"]) for text in texts]
     record["calibration_texts_used"] = sum(n >= cfg.calibration_min_tokens for n in lengths)
     record["calibration_mean_tokens"] = round(sum(lengths) / len(lengths), 1)

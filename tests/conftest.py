@@ -1,5 +1,6 @@
 """Shared by the integration tests: the smoke run's stages, built once per test session."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def chain(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quantized(chain):
-    """The smoke run after gptq and gguf too."""
-    stage("gptq", chain.parent)
+    """The smoke run after gptq and gguf too (gptq given a relative artifacts_dir, as `make` does)."""
+    stage("gptq", os.path.relpath(chain.parent, ROOT))
     stage("gguf", chain.parent)
     return chain

@@ -150,8 +150,11 @@ class GPTQBackend(TransformersBackend):
         import torch
         from gptqmodel import GPTQModel
         from transformers import AutoTokenizer
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        quantized = GPTQModel.load(str(path), device=device)
+        cuda = torch.cuda.is_available()
+        # CPU: float32 activations, as for the FP16 models; gptqmodel's bfloat16 default there makes
+        # batched and incremental decoding disagree on close calls
+        quantized = GPTQModel.load(str(path), device="cuda:0" if cuda else "cpu",
+                                   dtype=getattr(torch, dtype) if cuda else torch.float32)
         backend = cls(quantized.model, AutoTokenizer.from_pretrained(path), f"gptq {path}")
         backend.kernel = ", ".join(sorted({type(m).__name__ for m in quantized.model.modules()
                                            if hasattr(m, "qweight")}))
