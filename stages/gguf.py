@@ -106,10 +106,9 @@ def build_one(source: dict, cfg: GGUFConfig, probe: list[str], out: Path) -> dic
                     quantize(files["F16"], path, type_name, threads, out / "quantize.log")
             size = path.stat().st_size
             variants[type_name] = {"file": path.name, "bytes": size, "bits_per_weight": round(8 * size / parameters, 3),
-                                   "size_vs_f16": None, "build_s": timing["seconds"]}
+                                   "size_vs_f16": round(size / variants["F16"]["bytes"], 4) if variants else 1.0,
+                                   "build_s": timing["seconds"]}
             bar.advance(task)
-    for record in variants.values():
-        record["size_vs_f16"] = round(record["bytes"] / variants["F16"]["bytes"], 4)
 
     if source["kind"] == "shape" or not probe:
         reason = "shape twin: random weights" if probe else "parity_prompts = 0"
