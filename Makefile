@@ -17,7 +17,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)
 export FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate test test-unit clean venv
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu test test-unit clean venv
 
 ## Show this help
 help:
@@ -34,7 +34,7 @@ $(STAMP): requirements/*.txt
 venv: $(STAMP)
 
 ## Run every stage in order on CONFIG (default: the embedded tiny model)
-all: evaluate baseline
+all: evaluate baseline profile-cpu profile-gpu
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
 generate: $(STAMP)
@@ -67,6 +67,14 @@ baseline: base
 ## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/
 evaluate: gptq gguf
 	$(call STAGE,evaluate)
+
+## CPU cost of each GGUF variant (fresh process each; naive vs prefix-cached) -> artifacts/<run>/profiles/<host>/cpu/
+profile-cpu: gguf
+	$(call STAGE,profile_cpu)
+
+## GPU cost of FP16 vs GPTQ (NVML VRAM and energy); skipped without CUDA -> artifacts/<run>/profiles/<host>/gpu/
+profile-gpu: gptq
+	$(call STAGE,profile_gpu)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

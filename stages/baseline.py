@@ -100,7 +100,7 @@ def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConf
 def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
     from rich.progress import Progress
     from stages.lib.api_client import OpenAICompatible
-    from stages.lib.generation import ANSWER_TOKENS
+    from stages.lib.task import ANSWER_TOKENS
     client = OpenAICompatible(model, cfg.api_base_url, cfg.api_key_env, cache, cfg.api_mode, cfg.api_concurrency,
                               cfg.api_max_retries, cfg.api_timeout_s, cfg.api_max_requests, cfg.api_backoff_s,
                               log=lambda line: cli.console.print(f"[yellow]{line}[/yellow]"))

@@ -38,6 +38,8 @@ class GPTQConfig:
     calibration_min_tokens: int = 10    # gptqmodel drops shorter texts (its calibration_data_min_length)
     batch_size: int = 8                 # calibration texts per forward pass
     parity_prompts: int = 100           # validation prompts compared with the FP16 model (0: skip)
+    cpu_max_parameters: int = 200_000_000  # larger models are skipped on a CPU-only host (0: no limit):
+                                        # the 1B shape twin takes ~40 min on 2 cores; quantize it on a GPU host
 
     def validate(self) -> None:
         require(self.bits in (2, 3, 4, 8), "bits", "2, 3, 4 or 8")
@@ -47,6 +49,7 @@ class GPTQConfig:
         require(self.calibration_min_tokens >= 1, "calibration_min_tokens", "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(self.parity_prompts >= 0, "parity_prompts", "an integer >= 0")
+        require(self.cpu_max_parameters >= 0, "cpu_max_parameters", "an integer >= 0 (0: no limit)")
 
 
 def calibration_texts(train: list[dict], per_language: int, seed: int) -> tuple[list[str], dict[str, int]]:
@@ -113,9 +116,15 @@ def run(run_cfg, cfg: GPTQConfig, args) -> int:
     val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
     texts, per_language = calibration_texts(train, cfg.calibration_per_language, cfg.calibration_seed)
     probe = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
+    import torch
     out = stage.fresh_tmp()
     results = {}
     for slug, source in quantization_sources(run_dir).items():
+        if "skipped" not in source and not torch.cuda.is_available() and cfg.cpu_max_parameters:
+            parameters = count_parameters(Path(source["path"]))
+            if parameters > cfg.cpu_max_parameters:
+                source = {**source, "skipped": f"{parameters:,} parameters > gptq.cpu_max_parameters on a CPU-only "
+                          f"host: run this stage on a GPU host (or raise the limit)"}
         if "skipped" in source:
             results[slug] = source
             continue

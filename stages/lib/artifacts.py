@@ -110,7 +110,8 @@ class StageRun:
 
     def __post_init__(self):
         self.out_dir = self.run_dir / self.folder
-        self.tmp_dir = self.run_dir / f".{self.folder}.tmp"
+        # next to the output folder, so the final rename never crosses folders (profiles/<host>/cpu)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp"
 
     @property
     def fingerprint(self) -> dict:
@@ -132,7 +133,7 @@ class StageRun:
         outputs = {str(p.relative_to(self.tmp_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in sorted(self.tmp_dir.rglob("*")) if p.is_file()}
         if self.out_dir.exists():
-            trash = self.run_dir / f".{self.folder}.old"
+            trash = self.out_dir.parent / f".{self.out_dir.name}.old"
             shutil.rmtree(trash, ignore_errors=True)
             self.out_dir.rename(trash)
             shutil.rmtree(trash)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constrained as schema_decoding
-from .generation import ANSWER_TOKENS
+from .task import ANSWER_TOKENS
 
 
 @dataclass

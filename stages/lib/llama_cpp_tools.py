@@ -41,6 +41,18 @@ def converter() -> tuple[Path, str]:
     return script, commit.read_text().strip()
 
 
+def weights_read_per_token(gguf_file: Path) -> dict:
+    """Bytes of weights one decode step reads: every tensor, except the token embedding table when the
+    model has a separate output matrix (then only one row of it is looked up per token)."""
+    script, _ = converter()
+    sys.path.insert(0, str(script.parent / "gguf-py"))
+    from gguf import GGUFReader
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf_file)).tensors}
+    separate_output = "output.weight" in tensors
+    read = sum(n for name, n in tensors.items() if not (separate_output and name == "token_embd.weight"))
+    return {"bytes_per_token": read, "tensor_bytes": sum(tensors.values()), "tied_embeddings": not separate_output}
+
+
 def _sdist_url(version: str) -> tuple[str, str]:
     """The sdist's URL and sha256 from PyPI's simple index (JSON form, PEP 691)."""
     request = urllib.request.Request(f"https://pypi.org/simple/{PACKAGE}/",

@@ -9,6 +9,8 @@ import json
 
 ACTIONS = ("add", "remove")
 FIELDS = ("action", "product", "quantity")
+# The longest canonical answer is ~70 characters; 48 tokens covers it even with a character-level tokenizer.
+ANSWER_TOKENS = 48
 
 INSTRUCTION = (
     "Extract the shopping cart intent from the message as JSON with action (add or remove), "
