@@ -17,7 +17,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)
 export FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu test test-unit clean venv
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report test test-unit clean venv
 
 ## Show this help
 help:
@@ -34,7 +34,7 @@ $(STAMP): requirements/*.txt
 venv: $(STAMP)
 
 ## Run every stage in order on CONFIG (default: the embedded tiny model)
-all: evaluate baseline profile-cpu profile-gpu
+all: report
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
 generate: $(STAMP)
@@ -75,6 +75,10 @@ profile-cpu: gguf
 ## GPU cost of FP16 vs GPTQ (NVML VRAM and energy); skipped without CUDA -> artifacts/<run>/profiles/<host>/gpu/
 profile-gpu: gptq
 	$(call STAGE,profile_gpu)
+
+## Tables and figures next to the paper's numbers, every host merged -> artifacts/<run>/report/
+report: evaluate baseline profile-cpu profile-gpu
+	$(call STAGE,report)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

@@ -13,6 +13,8 @@ from stages.generate import GenerateConfig
 from stages.gguf import GGUFConfig
 from stages.gptq import GPTQConfig
 from stages.merge import MergeConfig
+from stages.profile_cpu import ProfileCPUConfig
+from stages.profile_gpu import ProfileGPUConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +28,8 @@ def write(tmp_path, text):
 
 
 STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
-                 "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig}
+                 "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig,
+                 "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -123,8 +123,15 @@ class PeakRSS:
         self._thread.join()
 
     def result(self) -> dict:
+        """`peak_rss_bytes`: the larger of the samples and the kernel's high-water mark for this process image
+        (VmHWM); ru_maxrss is kept for reference, but on Linux it carries the parent's memory across exec."""
+        hwm = 0
+        try:
+            hwm = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+        except (OSError, AttributeError):
+            pass
         self.peak = max(self.peak, self.now())
-        return {"peak_rss_bytes": self.peak,
+        return {"peak_rss_bytes": max(self.peak, hwm), "sampled_peak_rss_bytes": self.peak, "vm_hwm_bytes": hwm,
                 "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

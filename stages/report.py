@@ -1,0 +1,427 @@
+"""report: the paper's tables and figures from this run, next to the paper's published numbers, across hosts.
+
+Reads only what the stages wrote (eval, baseline, gptq/gguf sizes, every profiles/<host>/{cpu,gpu}
+and every manifest) and renders: Table 2 (accuracy of baselines and every fine-tuned variant, with
+intervals, validity and the McNemar verdict against FP16), Table 3 (CPU trade-offs per GGUF variant
+and host), the prefix-cache comparison, a GPU table (FP16 vs GPTQ), figures 2-7 of the paper plus a
+Pareto chart, per-language / per-noise accuracy and the share of the memory-bandwidth limit, the
+deployment recommendation of the paper's section 5.3 computed from this run, and the environment.
+
+    python -m stages.report --config configs/tiny.toml
+    python -m stages.report --config configs/smoke.toml
+
+Writes artifacts/<run>/report/: report.md, report.html (self-contained, figures embedded),
+figures/*.png, tables.json (every table's numbers).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.lib import artifacts, cli
+from stages.lib import report_figures as figures
+from stages.lib.config import as_dict, require
+
+PACKAGES = ["matplotlib"]
+
+# The paper's published figures, with the hardware they were measured on.
+PAPER = {
+    "accuracy": {"FP16": 0.988, "GGUF Q5_K_M": 0.984, "GGUF Q4_K_M": 0.984, "GGUF Q3_K_M": 0.972,
+                 "base": 0.76, "gpt-4.1": 1.000},
+    "gpu_hardware": "NVIDIA T4",
+    "gpu": {"FP16": {"tok_s": 44.56, "vram_gb": 3.27, "params_gb": 2.30, "load_s": 16.95},
+            "GPTQ 4-bit": {"tok_s": 7.92, "vram_gb": 1.93, "params_gb": 0.96, "load_s": 1.12}},
+    "cpu_hardware": "4 vCPU AMD EPYC Genoa",
+    "cpu": {"GGUF F16": {"tok_s": 4.5, "ram_gb": 3.30, "mean_s": 3.55, "p95_s": 5.27},
+            "GGUF Q5_K_M": {"ram_gb": "0.93-1.14", "mean_s": 1.55, "p95_s": 2.27},
+            "GGUF Q4_K_M": {"tok_s": 19.5, "ram_gb": "0.93-1.14", "mean_s": 0.82, "p95_s": 1.16},
+            "GGUF Q3_K_M": {"tok_s": 13.0, "ram_gb": "0.93-1.14", "mean_s": 1.23, "p95_s": 1.79}},
+}
+MODES = ("naive", "prefix_cached", "prefix_cached_constrained")
+
+
+@dataclass
+class ReportConfig:
+    accuracy_margin: float = 0.01     # "smallest within one point of the best accuracy"
+
+    def validate(self) -> None:
+        require(0 <= self.accuracy_margin < 1, "accuracy_margin", "a share in [0, 1)")
+
+
+def variant_label(name: str) -> str:
+    """eval's 'fp16' / 'gptq' / 'gguf-Q4_K_M', profile-cpu's 'Q4_K_M', profile-gpu's 'nf4' -> one label."""
+    name = name.removeprefix("gguf-")
+    fixed = {"fp16": "FP16", "gptq": "GPTQ 4-bit", "nf4": "NF4", "f16": "GGUF F16", "F16": "GGUF F16"}
+    return fixed.get(name, f"GGUF {name}")
+
+
+def gb(value) -> float | None:
+    return round(value / 1e9, 3) if value else None
+
+
+# ---- collecting what the stages wrote -----------------------------------------------------------------------
+
+def collect(run_dir: Path) -> dict:
+    data = {"eval": artifacts.read_json(run_dir / "eval" / "results.json"),
+            "baseline": artifacts.read_json(run_dir / "baseline" / "results.json"),
+            "manifests": {}, "cpu": [], "gpu": [], "hosts": {}, "gpu_skipped": {}, "bandwidth": {}}
+    for manifest_file in sorted(run_dir.glob("*/manifest.json")) + sorted(run_dir.glob("profiles/*/*/manifest.json")):
+        data["manifests"][str(manifest_file.parent.relative_to(run_dir))] = artifacts.read_json(manifest_file)
+    for folder in sorted(run_dir.glob("profiles/*/*")):
+        if not (folder / "manifest.json").is_file():
+            continue   # an unfinished profile is never read
+        results, host = artifacts.read_json(folder / "results.json"), folder.parent.name
+        data["hosts"][host] = artifacts.read_json(folder / "fingerprint.json")
+        if folder.name == "cpu":
+            data["bandwidth"][host] = results["bandwidth"]
+            data["cpu"] += [{**r, "host": host} for r in results["rows"]]
+        elif "skipped" in results:
+            data["gpu_skipped"][host] = results["skipped"]
+        else:
+            data["gpu"] += [{**r, "host": host, "gpu": results["gpu"]} for r in results["rows"]]
+    return data
+
+
+def variant_sizes(manifests: dict) -> dict[tuple[str, str], int]:
+    """(model, label) -> bytes on disk of each deployable variant."""
+    sizes = {}
+    for slug, r in manifests.get("gptq", {}).get("results", {}).get("models", {}).items():
+        if "bytes" in r:
+            sizes[(slug, "GPTQ 4-bit")], sizes[(slug, "FP16")] = r["bytes"], r["fp16_bytes"]
+    for slug, r in manifests.get("gguf", {}).get("results", {}).get("models", {}).items():
+        for type_name, v in r.get("variants", {}).items():
+            sizes[(slug, variant_label(type_name))] = v["bytes"]
+    return sizes
+
+
+# ---- tables -------------------------------------------------------------------------------------------------
+
+def accuracy_rows(data: dict) -> list[dict]:
+    """Table 2: baselines first (few-shot), then every fine-tuned variant (free decoding)."""
+    rows, primary = [], None
+    for r in data["baseline"]["rows"]:
+        name = r.get("model", "?")
+        is_api = r.get("kind") == "api"
+        primary = primary or (None if is_api else name)
+        row = {"group": "baseline", "label": f"{name} base, {r.get('shots', '?')}-shot" if not is_api
+               else f"{name} (API), {r.get('shots', '?')}-shot", "model": name, "variant": "base"}
+        if "skipped" in r:
+            rows.append({**row, "skipped": r["skipped"], "exact_match": None})
+            continue
+        paper = PAPER["accuracy"].get(name) if is_api else (PAPER["accuracy"]["base"] if name == primary else None)
+        rows.append({**row, "exact_match": r["exact_match"], "ci95": r["exact_match_ci95"], "json_valid": r["json_valid"],
+                     "paper": paper})
+    evals = [r for r in data["eval"]["rows"] if "skipped" not in r]
+    constrained = {r["variant"]: r for r in evals if r["decoding"] == "constrained"}
+    models = sorted({r["model"] for r in evals})
+    for r in (r for r in evals if r["decoding"] == "free") if any(r["decoding"] == "free" for r in evals) else \
+            constrained.values():
+        label = variant_label(r["variant"].split("/", 1)[1])
+        mcnemar = r["mcnemar_vs_fp16"]
+        verdict = "reference" if label == "FP16" else (
+            f"p={mcnemar['p_value']:.3g}: " + ("no significant difference" if not mcnemar["significant_at_0.05"] else
+                                              "worse" if mcnemar["only_reference_correct"] > mcnemar["only_candidate_correct"]
+                                              else "better"))
+        rows.append({"group": "fine-tuned", "model": r["model"], "variant": label,
+                     "label": label if len(models) == 1 else f"{r['model']} {label}", "exact_match": r["exact_match"],
+                     "ci95": r["exact_match_ci95"], "json_valid": r["json_valid"], "mcnemar": verdict,
+                     "constrained": constrained.get(r["variant"], {}).get("exact_match"),
+                     "paper": PAPER["accuracy"].get(label) if r["model"] == models[0] else None,
+                     "by_language": r["by_language"], "by_noise": r["by_noise"]})
+    rows.sort(key=lambda r: (r["group"] != "baseline", r["group"] == "fine-tuned" and r["model"],
+                             figures.order_key(r["variant"]) if r["group"] == "fine-tuned" else 0))
+    for r in data["eval"]["rows"]:
+        if "skipped" in r:
+            rows.append({"group": "fine-tuned", "label": r["variant"], "model": r["variant"], "variant": "-",
+                         "skipped": r["skipped"], "exact_match": None})
+    return rows
+
+
+def cpu_rows(data: dict, accuracy: list[dict], sizes: dict) -> list[dict]:
+    """Table 3: one row per host and GGUF variant (naive mode, as the paper ran it), other modes attached."""
+    em = {(r["model"], r["variant"]): r["exact_match"] for r in accuracy if r["group"] == "fine-tuned"}
+    rows = {}
+    for r in data["cpu"]:
+        if "skipped" in r:
+            continue
+        label = variant_label(r["variant"])
+        key = (r["host"], r["model"], label)
+        row = rows.setdefault(key, {"host": r["host"], "model": r["model"], "variant": label, "modes": {},
+                                    "source": r["source"], "exact_match": em.get((r["model"], label)),
+                                    "bytes": sizes.get((r["model"], label), r["file_bytes"])})
+        row["modes"][r["mode"]] = {"mean_s": r["latency_mean_s"], "p95_s": r["latency_p95_s"],
+                                   "identical_to_naive": r.get("identical_to_naive"), "vs_naive": r["latency_vs_naive"]}
+        if r["mode"] == "naive" or "e2e_tok_s" not in row:
+            paper = PAPER["cpu"].get(label, {})
+            row.update(ram_gb=gb(r["peak_rss_bytes"]), decode_tok_s=r["decode_tok_s"], e2e_tok_s=r["e2e_tok_s"],
+                       prompt_tok_s=r["prompt_tok_s"], mean_s=r["latency_mean_s"], p95_s=r["latency_p95_s"],
+                       load_s=r["load_s"], bandwidth_share=r["bandwidth_share"], threads=r["threads"],
+                       decode_vs_plain=r.get("decode_vs_plain"), paper_tok_s=paper.get("tok_s"),
+                       paper_ram_gb=paper.get("ram_gb") if isinstance(paper.get("ram_gb"), float) else None,
+                       paper_ram=paper.get("ram_gb"), paper_latency_mean_s=paper.get("mean_s"),
+                       paper_p95_s=paper.get("p95_s"))
+    return sorted(rows.values(), key=lambda r: (r["host"], r["model"], figures.order_key(r["variant"])))
+
+
+def gpu_rows(data: dict) -> list[dict]:
+    rows = []
+    for r in data["gpu"]:
+        if "skipped" in r:
+            continue
+        label = variant_label(r["variant"])
+        paper = PAPER["gpu"].get(label, {})
+        vram = r.get("nvml_process_bytes") or r["torch_peak_allocated_bytes"]
+        rows.append({"host": r["host"], "gpu": r["gpu"]["gpu"], "model": r["model"], "variant": label,
+                     "vram_gb": gb(vram), "params_gb": gb(r["parameter_bytes"]), "load_s": r["load_s"],
+                     "decode_tok_s": r["decode_tok_s"], "e2e_tok_s": r["e2e_tok_s"], "mean_s": r["latency_mean_s"],
+                     "p95_s": r["latency_p95_s"], "j_per_token": r["energy_j_per_token"],
+                     "energy_method": r["energy_method"], "kernel": r.get("kernel") or "-",
+                     "batched": {b["batch"]: b["tok_s"] for b in r.get("batched", [])},
+                     "paper_tok_s": paper.get("tok_s"), "paper_vram_gb": paper.get("vram_gb"),
+                     "paper_params_gb": paper.get("params_gb"), "paper_load_s": paper.get("load_s")})
+    return sorted(rows, key=lambda r: (r["host"], r["model"], figures.order_key(r["variant"])))
+
+
+def recommend(accuracy: list[dict], cpu: list[dict], gpu: list[dict], sizes: dict, margin: float) -> dict:
+    """Section 5.3 from this run: the most accurate, the fastest, the smallest within `margin` of the best."""
+    scored = [r for r in accuracy if r["group"] == "fine-tuned" and r.get("exact_match") is not None]
+    if not scored:
+        return {"note": "no fine-tuned variant was scored in this run"}
+    best = max(scored, key=lambda r: (r["exact_match"], -sizes.get((r["model"], r["variant"]), 0)))
+    near = [r for r in scored if r["exact_match"] >= best["exact_match"] - margin and (r["model"], r["variant"]) in sizes]
+    smallest = min(near, key=lambda r: sizes[(r["model"], r["variant"])]) if near else None
+    out = {"most_accurate": {"variant": best["label"], "exact_match": best["exact_match"]}}
+    if smallest:
+        out["smallest_within_margin"] = {"variant": smallest["label"], "exact_match": smallest["exact_match"],
+                                         "bytes": sizes[(smallest["model"], smallest["variant"])], "margin": margin}
+    if cpu:
+        host = cpu[0]["host"]
+        fast = max((r for r in cpu if r["host"] == host), key=lambda r: r["e2e_tok_s"])
+        out["fastest_cpu"] = {"variant": fast["variant"], "e2e_tok_s": fast["e2e_tok_s"], "host": host}
+    if gpu:
+        fast = max(gpu, key=lambda r: r["e2e_tok_s"])
+        out["fastest_gpu"] = {"variant": fast["variant"], "e2e_tok_s": fast["e2e_tok_s"], "host": fast["host"]}
+    return out
+
+
+def pareto_points(accuracy: list[dict], cpu: list[dict], sizes: dict) -> list[dict]:
+    """Variants with accuracy and CPU speed on the first host; memory = peak RSS (else file size)."""
+    if not cpu:
+        return []
+    host = cpu[0]["host"]
+    em = {(r["model"], r["variant"]): r["exact_match"] for r in accuracy if r["group"] == "fine-tuned" and r.get("exact_match") is not None}
+    points = [{"variant": r["variant"], "exact_match": em[(r["model"], r["variant"])], "tok_s": r["e2e_tok_s"],
+               "memory_gb": r["ram_gb"] or gb(r["bytes"]), "speed_source": f"CPU {host}, end to end"}
+              for r in cpu if r["host"] == host and (r["model"], r["variant"]) in em]
+    for p in points:
+        p["pareto"] = not any(q is not p and q["exact_match"] >= p["exact_match"] and q["tok_s"] >= p["tok_s"]
+                              and q["memory_gb"] <= p["memory_gb"] and
+                              (q["exact_match"], q["tok_s"], -q["memory_gb"]) != (p["exact_match"], p["tok_s"], -p["memory_gb"])
+                              for q in points)
+    return points
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, list) and len(value) == 2:
+        return f"[{fmt(value[0])}, {fmt(value[1])}]"
+    return str(value)
+
+
+def render(blocks: list[tuple], out: Path) -> None:
+    """The same blocks as Markdown and as one self-contained HTML file (figures inlined as base64)."""
+    md, body = [], []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            md.append(("# " if kind == "h1" else "## ") + rest[0])
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind in ("p", "note"):
+            md.append(("> " if kind == "note" else "") + rest[0])
+            body.append(f'<p class="{kind}">{html.escape(rest[0])}</p>')
+        elif kind == "table":
+            headers, rows = rest
+            md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            md += ["| " + " | ".join(cells) + " |" for cells in rows]
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        elif kind == "figure":
+            path, caption = rest
+            md.append(f"![{caption}](figures/{path.name})\n\n*{caption}*")
+            encoded = base64.b64encode(path.read_bytes()).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{encoded}" alt="{html.escape(caption)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        md.append("")
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}figcaption{font-size:13px;color:#555}.note{background:#fff6d5;padding:.6em;"
+             "border-left:4px solid #e0b000}")
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Report</title>"
+                                     f"<style>{style}</style></head><body>{''.join(body)}</body></html>", encoding="utf-8")
+
+
+def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
+    """Every table (as numbers and as text) and figure; returns the tables for tables.json."""
+    fig_dir = out / "figures"
+    fig_dir.mkdir()
+    sizes = variant_sizes(data["manifests"])
+    accuracy = accuracy_rows(data)
+    cpu, gpu = cpu_rows(data, accuracy, sizes), gpu_rows(data)
+    recommendation = recommend(accuracy, cpu, gpu, sizes, cfg.accuracy_margin)
+    kinds = {r.get("kind") for r in data["manifests"].get("base", {}).get("results", {}).get("models", {}).values()}
+    blocks: list[tuple] = [("h1", f"Cart-intent SLM report: run {run_name}")]
+    if "tiny" in kinds or "shape" in kinds:
+        blocks.append(("note", "This run uses " + " and ".join(
+            k for k, on in (("the embedded tiny model (its accuracy and speed do not stand for a 1B model)", "tiny" in kinds),
+                            ("the Llama 3.2 1B shape twin (random weights: its speed and memory are the real model's, "
+                             "its accuracy is meaningless)", "shape" in kinds)) if on) +
+            f". Paper columns are the published values on their hardware (CPU: {PAPER['cpu_hardware']}; GPU: "
+            f"{PAPER['gpu_hardware']})."))
+
+    blocks += [("h2", "Table 2: accuracy"),
+               ("table", ["model", "exact match", "95% CI", "JSON valid", "constrained EM", "McNemar vs FP16", "paper"],
+                [[r["label"], "skipped: " + r["skipped"], "", "", "", "", ""] if "skipped" in r else
+                 [r["label"], fmt(r["exact_match"]), fmt(r["ci95"]), fmt(r["json_valid"]), fmt(r.get("constrained")),
+                  r.get("mcnemar", "–"), fmt(r.get("paper"))] for r in accuracy])]
+    scored = [r for r in accuracy if r.get("exact_match") is not None]
+    if scored:
+        blocks.append(("figure", figures.accuracy(scored, fig_dir / "fig2_accuracy.png"),
+                       "Figure 2: exact match of every model (95% Wilson intervals; diamonds: the paper)"))
+    tuned = [r for r in scored if r["group"] == "fine-tuned"]
+    if tuned:
+        blocks.append(("figure", figures.breakdown(tuned, fig_dir / "accuracy_breakdown.png"),
+                       "Accuracy per language and per noise kind, per fine-tuned variant"))
+
+    blocks.append(("h2", "Table 3: CPU trade-offs (llama.cpp, batch 1)"))
+    if cpu:
+        blocks.append(("p", "decode tok/s: generated tokens after the first over decode time; end-to-end tok/s: generated "
+                            "tokens over the whole request (the paper's figure). RAM: peak RSS of the variant's own process."))
+        blocks.append(("table", ["host", "variant", "exact match", "file MB", "peak RAM GB", "decode tok/s", "e2e tok/s",
+                                 "mean s", "P95 s", "load s", "% of bandwidth", "paper tok/s", "paper RAM GB", "paper mean / P95 s"],
+                       [[r["host"], r["variant"], fmt(r["exact_match"]), fmt(r["bytes"] / 1e6, 1), fmt(r["ram_gb"], 2),
+                         fmt(r["decode_tok_s"], 1), fmt(r["e2e_tok_s"], 1), fmt(r["mean_s"]), fmt(r["p95_s"]),
+                         fmt(r["load_s"], 2), fmt(100 * r["bandwidth_share"], 0), fmt(r["paper_tok_s"], 1),
+                         fmt(r["paper_ram"]), f"{fmt(r['paper_latency_mean_s'], 2)} / {fmt(r['paper_p95_s'], 2)}"] for r in cpu]))
+        blocks.append(("h2", "Prefix cache and constrained decoding (beyond the paper)"))
+        blocks.append(("table", ["host", "variant", "naive mean s", "prefix-cached mean s", "+ constrained mean s",
+                                 "prefix vs naive", "+ constrained vs naive", "identical outputs (prefix)", "decode vs plain llama-cpp"],
+                       [[r["host"], r["variant"], *(fmt(r["modes"].get(m, {}).get("mean_s")) for m in MODES),
+                         fmt(r["modes"].get("prefix_cached", {}).get("vs_naive"), 2),
+                         fmt(r["modes"].get("prefix_cached_constrained", {}).get("vs_naive"), 2),
+                         fmt(r["modes"].get("prefix_cached", {}).get("identical_to_naive"), 2),
+                         fmt(r["decode_vs_plain"], 2)] for r in cpu]))
+        blocks += [("figure", figures.cpu_speed_ram(cpu, fig_dir / "fig5_cpu_speed_ram.png"),
+                    f"Figure 5: CPU speed and RAM per GGUF variant (diamonds: the paper, {PAPER['cpu_hardware']})"),
+                   ("figure", figures.cpu_latency(cpu, fig_dir / "fig7_cpu_latency.png"),
+                    "Figure 7: CPU latency per request, mean and P95, without and with the prefix cache"),
+                   ("figure", figures.bandwidth(cpu, fig_dir / "bandwidth_share.png"),
+                    "Share of the measured memory bandwidth reached by batch-1 decoding")]
+        points = pareto_points(accuracy, cpu, sizes)
+        if points:
+            blocks.append(("figure", figures.pareto(points, fig_dir / "pareto.png"),
+                           "Accuracy vs speed vs memory of the GGUF variants"))
+    else:
+        blocks.append(("p", "No CPU profile in this run (run `make profile-cpu`)."))
+
+    blocks.append(("h2", "GPU: FP16 vs GPTQ"))
+    if gpu:
+        batches = sorted({b for r in gpu for b in r["batched"]})
+        blocks.append(("table", ["host", "GPU", "variant", "VRAM GB", "params GB", "load s", "decode tok/s", "e2e tok/s",
+                                 "mean s", "P95 s", "J/token", "kernel", *(f"batch {b} tok/s" for b in batches),
+                                 "paper tok/s", "paper VRAM / params GB", "paper load s"],
+                       [[r["host"], r["gpu"], r["variant"], fmt(r["vram_gb"], 2), fmt(r["params_gb"], 2), fmt(r["load_s"], 2),
+                         fmt(r["decode_tok_s"], 1), fmt(r["e2e_tok_s"], 1), fmt(r["mean_s"]), fmt(r["p95_s"]),
+                         fmt(r["j_per_token"], 4), r["kernel"], *(fmt(r["batched"].get(b), 1) for b in batches),
+                         fmt(r["paper_tok_s"], 2), f"{fmt(r['paper_vram_gb'], 2)} / {fmt(r['paper_params_gb'], 2)}",
+                         fmt(r["paper_load_s"], 2)] for r in gpu]))
+        methods = sorted({r["energy_method"] for r in gpu})
+        blocks.append(("p", f"Energy: {'; '.join(methods)}. Paper values: {PAPER['gpu_hardware']}."))
+        blocks += [("figure", figures.gpu_memory(gpu, fig_dir / "fig3_vram.png"), "Figure 3: GPU memory per variant"),
+                   ("figure", figures.gpu_speed_energy(gpu, fig_dir / "fig4_gpu_speed_energy.png"),
+                    "Figure 4: GPU speed and energy per generated token")]
+    else:
+        reasons = "; ".join(f"{h}: {why}" for h, why in data["gpu_skipped"].items()) or "run `make profile-gpu` on a GPU host"
+        blocks.append(("p", f"No GPU profile in this run ({reasons})."))
+    if cpu or gpu:
+        blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
+                       "Figure 6: load time of each variant"))
+
+    blocks.append(("h2", "Deployment recommendation (the paper's section 5.3, computed from this run)"))
+    lines = []
+    if "most_accurate" in recommendation:
+        best = recommendation["most_accurate"]
+        lines.append(f"Most accurate: {best['variant']} ({fmt(best['exact_match'])} exact match).")
+    if "smallest_within_margin" in recommendation:
+        small = recommendation["smallest_within_margin"]
+        lines.append(f"Smallest within {small['margin'] * 100:.0f} point(s) of the best: {small['variant']} "
+                     f"({fmt(small['bytes'] / 1e6, 1)} MB, {fmt(small['exact_match'])}).")
+    for key, where in (("fastest_cpu", "CPU"), ("fastest_gpu", "GPU")):
+        if key in recommendation:
+            fast = recommendation[key]
+            lines.append(f"Fastest on {where} ({fast['host']}): {fast['variant']} ({fmt(fast['e2e_tok_s'], 1)} tok/s end to end).")
+    blocks += [("p", line) for line in lines or [recommendation.get("note", "")]]
+
+    blocks.append(("h2", "Environment"))
+    blocks.append(("table", ["host", "CPU", "cores", "ISA", "RAM GB", "GPU", "OS"],
+                   [[h, f["cpu_model"], str(f.get("usable_cores", f.get("cores"))), " ".join(f.get("isa", [])),
+                     fmt(f.get("ram_bytes", 0) / 2**30, 1), ", ".join(g["name"] for g in f.get("gpus", [])) or "–",
+                     f.get("os", "")] for h, f in data["hosts"].items()]))
+    packages = {}
+    for m in data["manifests"].values():
+        for name, version in m.get("packages", {}).items():
+            packages.setdefault(name, set()).add(version)
+    commit = data["manifests"].get("gguf", {}).get("results", {}).get("llama_cpp_commit")
+    blocks.append(("p", "Packages: " + ", ".join(f"{n} {'/'.join(sorted(v))}" for n, v in sorted(packages.items()))
+                   + (f". llama.cpp commit {commit}." if commit else ".")))
+    blocks.append(("table", ["stage folder", "config hash", "code hash", "outputs hash", "runner", "finished", "wall s"],
+                   [[folder, m.get("config_hash", "")[:12], m.get("code_hash", "")[:12],
+                     artifacts.sha256_json(m.get("outputs", {}))[:12],
+                     " ".join(str(v) for v in (m.get("runner") or {}).values()) if isinstance(m.get("runner"), dict)
+                     else str(m.get("runner") or "local"), m.get("finished", ""), fmt(m.get("wall_s"), 1)]
+                    for folder, m in data["manifests"].items()]))
+    render(blocks, out)
+    return {"accuracy": accuracy, "cpu": cpu, "gpu": gpu, "recommendation": recommendation,
+            "figures": sorted(p.name for p in fig_dir.glob("*.png"))}
+
+
+def run(run_cfg, cfg: ReportConfig, args) -> int:
+    run_dir = run_cfg.run_dir
+    manifests = {"eval": artifacts.require_stage(run_dir, "eval", "evaluate"),
+                 "baseline": artifacts.require_stage(run_dir, "baseline", "baseline")}
+    for folder in sorted(run_dir.glob("profiles/*/*")):
+        if (folder / "manifest.json").is_file():
+            manifests[str(folder.relative_to(run_dir))] = artifacts.read_manifest(folder)
+    stage = artifacts.StageRun("report", "report", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
+                               artifacts.code_hash(__file__), PACKAGES)
+    if cli.already_done(stage, args):
+        return 0
+    out = stage.fresh_tmp()
+    tables = build(run_cfg.name, collect(run_dir), cfg, out)
+    artifacts.write_json(out / "tables.json", tables)
+    stage.results.update(recommendation=tables["recommendation"], figures=tables["figures"])
+    stage.publish()
+    rows = {r["label"]: r if "skipped" in r else {"exact match": fmt(r["exact_match"]), "95% CI": fmt(r["ci95"]),
+                                                   "paper": fmt(r.get("paper"))} for r in tables["accuracy"]}
+    cli.show_results(f"report: {stage.out_dir / 'report.html'}", rows, ["exact match", "95% CI", "paper"])
+    for line in (json.dumps(tables["recommendation"]),):
+        cli.console.print(f"recommendation {line}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run_stage(__doc__, "report", ReportConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""report from a small fixed set of result files: every table and figure present, numbers equal to the inputs."""
+import json
+import re
+
+from conftest import stage
+
+EM = {"fp16": 0.91, "gptq": 0.90, "gguf-f16": 0.91, "gguf-Q5_K_M": 0.93, "gguf-Q4_K_M": 0.925, "gguf-Q3_K_M": 0.922}
+SIZES = {"F16": 8_000_000, "Q5_K_M": 3_000_000, "Q4_K_M": 2_500_000, "Q3_K_M": 2_100_000}
+TOK_S = {"F16": 500.0, "Q5_K_M": 600.0, "Q4_K_M": 750.0, "Q3_K_M": 650.0}
+
+
+def write(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def manifest(folder, stage_name, results=None):
+    write(folder / "manifest.json", {"stage": stage_name, "config_hash": "c" * 64, "code_hash": "d" * 64, "outputs": {},
+                                     "results": results or {}, "packages": {"llama-cpp-python": "0.3.36"},
+                                     "finished": "2026-11-28T12:00:00+0000", "wall_s": 1.5})
+
+
+def eval_row(variant, decoding, em):
+    return {"variant": f"tiny/{variant}", "model": "tiny", "decoding": decoding, "exact_match": em,
+            "exact_match_ci95": [round(em - 0.02, 4), round(em + 0.02, 4)], "json_valid": 1.0,
+            "mcnemar_vs_fp16": {"p_value": 0.5, "significant_at_0.05": False, "only_reference_correct": 3,
+                                "only_candidate_correct": 2},
+            "by_language": {"en": {"n": 10, "exact_match": em}, "hr": {"n": 10, "exact_match": em - 0.1}},
+            "by_noise": {"typo": {"n": 5, "exact_match": em - 0.2}, "none": {"n": 15, "exact_match": em}}}
+
+
+def cpu_rows(scale):
+    rows = []
+    for variant, tok_s in TOK_S.items():
+        for mode, factor in (("naive", 1.0), ("prefix_cached", 0.7), ("prefix_cached_constrained", 0.45)):
+            rows.append({"model": "tiny", "variant": variant, "mode": mode, "source": "merged", "file_bytes": SIZES[variant],
+                         "load_s": 0.1, "threads": 2, "peak_rss_bytes": 60_000_000, "decode_tok_s": tok_s * 2 * scale,
+                         "e2e_tok_s": tok_s * scale, "prompt_tok_s": 5000.0, "latency_mean_s": 0.02 * factor,
+                         "latency_p95_s": 0.03 * factor, "latency_vs_naive": factor, "bandwidth_share": 0.4,
+                         "identical_to_naive": 1.0, "decode_vs_plain": 0.97})
+    return rows
+
+
+def build_run(root):
+    run = root / "smoke"
+    manifest(run / "base", "base", {"models": {"tiny": {"kind": "tiny"}}})
+    manifest(run / "gptq", "gptq", {"models": {"tiny": {"bytes": 2_900_000, "fp16_bytes": 7_900_000}}})
+    manifest(run / "gguf", "gguf", {"llama_cpp_commit": "0c1e57098bba", "models": {"tiny": {"variants": {
+        t: {"file": f"model-{t}.gguf", "bytes": b} for t, b in SIZES.items()}}}})
+    rows = [eval_row(v, "free", em) for v, em in EM.items()] + [eval_row("fp16", "constrained", 0.915)]
+    write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}]})
+    manifest(run / "eval", "evaluate")
+    write(run / "baseline" / "results.json", {"rows": [
+        {"model": "tiny", "kind": "open-weight", "shots": 3, "exact_match": 0.05, "exact_match_ci95": [0.01, 0.1],
+         "json_valid": 0.2},
+        {"model": "gpt-4.1", "kind": "api", "shots": 3, "skipped": "OPENAI_API_KEY is not set"}]})
+    manifest(run / "baseline", "baseline")
+    for host, scale in (("epyc-2c-aaaaaa", 1.0), ("xeon-8c-bbbbbb", 3.0)):
+        folder = run / "profiles" / host / "cpu"
+        write(folder / "results.json", {"host": host, "bandwidth": {"read_gb_s": 20.0}, "rows": cpu_rows(scale)})
+        write(folder / "fingerprint.json", {"cpu_model": host.upper(), "usable_cores": 2, "isa": ["avx2"],
+                                            "ram_bytes": 2**34, "gpus": [], "os": "Linux"})
+        manifest(folder, "profile-cpu")
+    gpu = run / "profiles" / "epyc-16c-h200-cccccc" / "gpu"
+    write(gpu / "results.json", {"host": "epyc-16c-h200-cccccc", "gpu": {"gpu": "NVIDIA H200"}, "rows": [
+        {"model": "tiny", "variant": v, "load_s": load, "parameter_bytes": params, "torch_peak_allocated_bytes": vram,
+         "nvml_process_bytes": vram + 500_000_000, "decode_tok_s": tok * 1.1, "e2e_tok_s": tok, "latency_mean_s": 0.1,
+         "latency_p95_s": 0.2, "energy_j_per_token": 0.05, "energy_method": "nvml total energy counter",
+         "kernel": kernel, "batched": [{"batch": 16, "tok_s": tok * 10}]}
+        for v, load, params, vram, tok, kernel in (("fp16", 1.5, 16_000_000, 40_000_000, 120.0, None),
+                                                   ("gptq", 0.9, 6_000_000, 30_000_000, 90.0, "MarlinQuantLinear"))]})
+    write(gpu / "fingerprint.json", {"cpu_model": "EPYC", "usable_cores": 16, "isa": ["avx2", "avx512f"],
+                                     "ram_bytes": 2**37, "gpus": [{"name": "NVIDIA H200"}], "os": "Linux"})
+    manifest(gpu, "profile-gpu")
+    return run
+
+
+def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
+    run = build_run(tmp_path)
+    stage("report", tmp_path)
+    out = run / "report"
+    tables = json.loads((out / "tables.json").read_text())
+    assert set(tables["figures"]) == {"fig2_accuracy.png", "accuracy_breakdown.png", "fig3_vram.png",
+                                      "fig4_gpu_speed_energy.png", "fig5_cpu_speed_ram.png", "fig6_load_times.png",
+                                      "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png"}
+    for name in tables["figures"]:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(tables["figures"]) and "<table>" in page
+
+    scored = {r["label"]: r for r in tables["accuracy"]}
+    for variant, em in EM.items():
+        label = {"fp16": "FP16", "gptq": "GPTQ 4-bit", "gguf-f16": "GGUF F16"}.get(variant, variant.replace("gguf-", "GGUF "))
+        assert scored[label]["exact_match"] == em
+    assert scored["FP16"]["constrained"] == 0.915 and scored["FP16"]["paper"] == 0.988
+    assert scored["tiny base, 3-shot"]["paper"] == 0.76 and "OPENAI_API_KEY" in scored["gpt-4.1 (API), 3-shot"]["skipped"]
+
+    cpu = {(r["host"], r["variant"]): r for r in tables["cpu"]}
+    assert len(cpu) == 8 and cpu[("xeon-8c-bbbbbb", "GGUF Q4_K_M")]["e2e_tok_s"] == 2250.0
+    assert cpu[("epyc-2c-aaaaaa", "GGUF Q3_K_M")]["exact_match"] == 0.922
+    assert cpu[("epyc-2c-aaaaaa", "GGUF F16")]["modes"]["prefix_cached_constrained"]["vs_naive"] == 0.45
+    gpu = {r["variant"]: r for r in tables["gpu"]}
+    assert gpu["GPTQ 4-bit"]["kernel"] == "MarlinQuantLinear" and gpu["FP16"]["vram_gb"] == 0.54
+    assert gpu["FP16"]["paper_tok_s"] == 44.56
+
+    assert tables["recommendation"]["most_accurate"]["variant"] == "GGUF Q5_K_M"
+    assert tables["recommendation"]["smallest_within_margin"]["variant"] == "GGUF Q3_K_M"
+    assert tables["recommendation"]["fastest_cpu"]["variant"] == "GGUF Q4_K_M"
+
+    report = (out / "report.md").read_text()
+    for heading in ("Table 2: accuracy", "Table 3: CPU trade-offs", "Prefix cache", "GPU: FP16 vs GPTQ",
+                    "Deployment recommendation", "Environment"):
+        assert f"## {heading}" in report
+    assert "embedded tiny model" in report and "0c1e57098bba" in report and "NVIDIA H200" in report
+    table2 = report.split("## Table 2")[1].split("##")[0]
+    assert re.search(r"\| GGUF Q5_K_M \| 0\.930 \| \[0\.910, 0\.950\] \| 1\.000 \|", table2)
+    assert "| xeon-8c-bbbbbb | GGUF Q4_K_M | 0.925 | 2.5 | 0.06 | 4,500 | 2,250 |" in report
+
+
+def test_report_without_eval_names_make_target(tmp_path):
+    proc = stage("report", tmp_path, check=False)
+    assert proc.returncode == 3 and "make evaluate" in proc.stderr
