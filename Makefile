@@ -2,6 +2,7 @@
 #   make all                     whole chain on the embedded tiny config (sets up .venv first)
 #   make test                    unit + integration tests
 #   make generate CONFIG=configs/smoke.toml SET="generate.n_examples=300" FORCE=1
+#   make finetune RUNNER=docker  the same command in the stage's image (compose.yaml), RUNNER=local in .venv
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,20 +10,42 @@ CONFIG ?= configs/tiny.toml
 SET ?=
 FORCE ?=
 PYTEST_ARGS ?=
+# docker when a Docker engine answers, else local (.venv)
+ifeq ($(origin RUNNER),undefined)
+RUNNER := $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
+endif
+REGISTRY ?= localhost
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+FILE ?=
+STAGES ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SET_ARGS := $(foreach s,$(SET),--set $(s))
-STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)
-export FORCE
+$(if $(filter docker local,$(RUNNER)),,$(error RUNNER must be docker or local, not '$(RUNNER)'))
+# The interpreter of a command: `python` in a compose service (args: service, extra `run` options) or .venv's.
+HOST_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+COMPOSE = docker compose -f compose.yaml $(if $(filter 0,$(GPU)),-f images/compose.no-gpu.yaml)
+# computed on first use only, once per make run (a tag hashes the code and requirement files)
+IMAGE_ENV = $(eval IMAGE_ENV := $(shell $(HOST_PY) images/tags.py env --digests) REGISTRY=$(REGISTRY) HOST_UID=$$$$(id -u) HOST_GID=$$$$(id -g))$(IMAGE_ENV)
+IN = $(if $(filter docker,$(RUNNER)),mkdir -p artifacts && env $(IMAGE_ENV) $(COMPOSE) run --rm --service-ports $(2) $(1) python,$(PY))
+# A stage's compose service: its make target's name, or SERVICE_<module>=... (evaluate-gpu, baseline-api).
+SERVICE = $(or $(SERVICE_$(1)),$(subst _,-,$(1)))
+# Inside a container the server listens on all of the container's interfaces; compose.yaml publishes
+# its port on the host's 127.0.0.1 only.
+CONTAINER_SET_serve := --set serve.host=0.0.0.0
+STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(filter docker,$(RUNNER)), $(CONTAINER_SET_$(1)))
+SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
+FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))
+export FORCE REGISTRY
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report test test-unit clean venv
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict test test-unit clean venv images push pull export import
 
 ## Show this help
 help:
 	@awk 'BEGIN {FS = ":.*"} /^## / {desc = substr($$0, 4); next} /^[a-zA-Z_-]+:/ && desc {printf "  \033[36m%-12s\033[0m %s\n", $$1, desc; desc = ""}' $(MAKEFILE_LIST)
-	@echo "  Variables: CONFIG=$(CONFIG)  SET=\"section.key=value ...\"  FORCE=1"
+	@echo "  Variables: CONFIG=$(CONFIG)  SET=\"section.key=value ...\"  FORCE=1  RUNNER=$(RUNNER) (docker|local)  REGISTRY=$(REGISTRY)"
 
 $(STAMP): requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,14 +53,14 @@ $(STAMP): requirements/*.txt
 	$(PY) -m stages.lib.llama_cpp_tools install
 	touch $@
 
-## Create .venv from the pinned requirements (done automatically by every target)
+## Create .venv from the pinned requirements (done automatically by every target under RUNNER=local)
 venv: $(STAMP)
 
 ## Run every stage in order on CONFIG (default: the embedded tiny model)
 all: report
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
-generate: $(STAMP)
+generate: $(SETUP)
 	$(call STAGE,generate)
 
 ## Prepare the base model(s): tiny (trained here), shape twin, or HF -> artifacts/<run>/base/
@@ -79,6 +102,40 @@ profile-gpu: gptq
 ## Tables and figures next to the paper's numbers, every host merged -> artifacts/<run>/report/
 report: evaluate baseline profile-cpu profile-gpu
 	$(call STAGE,report)
+
+## Serve a GGUF variant (serve.variant, default Q4_K_M): OpenAI-compatible API + POST /v1/intent on 127.0.0.1:8000
+serve: gguf
+	$(call STAGE,serve)
+
+## Answer one message locally as JSON: make predict TEXT="dodaj 3 paste za zube" (no TEXT: one per stdin line)
+predict: gguf
+	$(call STAGE,predict) $(if $(TEXT),--text "$(TEXT)")
+
+## Build every image; each tag is a hash of its Dockerfile, requirement files and stage code
+images:
+	env $(IMAGE_ENV) $(COMPOSE) build
+
+## Push the images to REGISTRY, skipping tags the registry already has (same tag, same content)
+push:
+	@test "$(REGISTRY)" != localhost || { echo "make push needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
+	@for ref in $$($(HOST_PY) images/tags.py refs); do \
+	  if docker manifest inspect $$ref >/dev/null 2>&1; then echo "$$ref: unchanged, already in the registry"; \
+	  else docker push $$ref || exit 1; fi; \
+	done
+
+## Pull this checkout's images from REGISTRY (what `make push` published from the same commit)
+pull:
+	@test "$(REGISTRY)" != localhost || { echo "make pull needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
+	@for ref in $$($(HOST_PY) images/tags.py refs); do docker pull $$ref || exit 1; done
+
+## Pack the run of CONFIG with its manifests (STAGES=merge,gptq,profiles: some folders) -> FILE or artifacts/<run>.tar.gz
+export: $(SETUP)
+	$(call IN,transfer,$(FILE_MOUNT)) -m stages.lib.transfer export --config $(CONFIG) $(SET_ARGS) $(if $(STAGES),--stages $(STAGES)) $(if $(FILE),--out $(abspath $(FILE)))
+
+## Unpack FILE=<archive>.tar.gz into artifacts/ after checking every file against its manifest
+import: $(SETUP)
+	@test -n "$(FILE)" || { echo "make import needs FILE=<archive>.tar.gz (written by make export)"; exit 2; }
+	$(call IN,transfer,$(FILE_MOUNT)) -m stages.lib.transfer import $(abspath $(FILE))
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-20}
+export RUNNER=local   # this script drives .venv directly; `make` must do the same
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 make venv
 make gptq CONFIG=configs/smoke.toml

@@ -1,4 +1,7 @@
-"""generate: the synthetic multilingual cart-intent dataset (offline template backend).
+"""generate: the synthetic multilingual cart-intent dataset (offline template backend by default).
+
+backend = "llm" has an OpenAI-compatible model write each message for the same ground truth, "mixed" a
+share of them (stages/lib/metaprompt.py: prompts, reply checks, cache, budget); see README "LLM-written data".
 
 Ground truth is drawn first (language cycling en/hr/es, action, product, weighted
 quantity), then a template, a quantity style and the configured noise render the
@@ -18,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, metaprompt
 from stages.lib.catalog import LANGUAGES, Catalog, indefinite, load_catalog, quantity_phrase, unit_phrase
 from stages.lib.config import as_dict, require
 from stages.lib.noise import NOISE_FUNCTIONS, NOISE_KINDS
@@ -28,7 +31,20 @@ TEMPLATES_PATH = Path(__file__).parent / "lib" / "templates.json"
 
 @dataclass
 class GenerateConfig:
-    backend: str = "template"
+    backend: str = "template"         # "template" (offline), "llm" (metaprompting) or "mixed"
+    llm_share: float = 0.5            # mixed: share of examples written by the LLM
+    llm_model: str = "gpt-4.1"
+    llm_base_url: str = ""            # "": OpenAI; any OpenAI-compatible /v1 URL otherwise
+    llm_api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never written anywhere
+    llm_temperature: float = 1.0
+    llm_max_tokens: int = 80
+    llm_concurrency: int = 4
+    llm_max_retries: int = 6          # per request, on 429/5xx/timeouts, backoff doubling from llm_backoff_s
+    llm_backoff_s: float = 1.0
+    llm_timeout_s: float = 60.0
+    llm_max_requests: int = 20000     # budget guard: new (uncached) requests in one run
+    llm_max_attempts: int = 3         # per example; a rejected reply is asked again with a new seed
+    llm_price_per_1k_tokens: float = 0.002  # for the cost estimate printed before starting
     n_examples: int = 6000
     seed: int = 1234
     test_fraction: float = 0.10       # held out first, as the paper did
@@ -50,7 +66,15 @@ class GenerateConfig:
         "code_switch": 0.10, "typo": 0.15, "emoji": 0.10, "casing": 0.10, "punctuation": 0.15})
 
     def validate(self) -> None:
-        require(self.backend == "template", "backend", '"template" (the only backend so far)')
+        require(self.backend in ("template", "llm", "mixed"), "backend", '"template", "llm" or "mixed"')
+        require(0 <= self.llm_share <= 1, "llm_share", "a fraction in [0, 1]")
+        require(self.llm_base_url == "" or self.llm_base_url.startswith(("http://", "https://")), "llm_base_url",
+                '"" (OpenAI) or an http(s):// URL')
+        for key in ("llm_max_tokens", "llm_concurrency", "llm_max_requests", "llm_max_attempts"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1")
+        require(self.llm_max_retries >= 0 and self.llm_backoff_s >= 0 and self.llm_timeout_s > 0
+                and self.llm_temperature >= 0 and self.llm_price_per_1k_tokens >= 0, "llm_max_retries",
+                "retries, backoff, temperature and price >= 0 and timeout > 0")
         require(self.n_examples >= 30, "n_examples", "an integer >= 30")
         require(0 < self.test_fraction < 0.5, "test_fraction", "a fraction in (0, 0.5)")
         require(0 < self.val_fraction < 0.5, "val_fraction", "a fraction in (0, 0.5)")
@@ -171,7 +195,7 @@ def dataset_card(stats: dict, cfg: GenerateConfig) -> str:
         lines = [f"| {title} | examples |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in mapping.items()]
         return "\n".join(lines)
     return "\n\n".join([
-        "# Cart-intent dataset (template backend)",
+        f"# Cart-intent dataset ({cfg.backend} backend)",
         f"{stats['total']} unique messages, seed {cfg.seed}, split seed {cfg.split_seed}; "
         f"{stats['duplicates_redrawn']} duplicate texts were redrawn, so no text appears twice or in two splits. "
         f"{stats['products']} products, {stats['templates_used']} templates used. "
@@ -192,13 +216,22 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
     lex = json.loads(TEMPLATES_PATH.read_text(encoding="utf-8"))
     with artifacts.timer(stage.results, "generate_s"):
         examples, redrawn = generate_examples(cfg, catalog, lex)
+        llm = None
+        if cfg.backend != "template":
+            llm = metaprompt.run_backend(examples, cfg, catalog, run_cfg.run_dir / ".cache" / "api" / "generate.jsonl",
+                                         cli.console.print)
+            if llm is None:
+                return 1   # endpoint down or budget spent: said so, nothing published, answers so far cached
         splits = split(examples, cfg)
     out = stage.fresh_tmp()
     for name, rows in splits.items():
         artifacts.write_jsonl(out / f"{name}.jsonl", rows)
     stats = statistics(splits, redrawn)
+    if llm:
+        stats["llm"] = llm
     artifacts.write_json(out / "stats.json", stats)
-    (out / "README.md").write_text(dataset_card(stats, cfg), encoding="utf-8")
+    (out / "README.md").write_text(dataset_card(stats, cfg) + (metaprompt.card(llm) if llm else ""),
+                                   encoding="utf-8")
     stage.results.update(stats)
     stage.publish()
     cli.show_config(f"data · {stats['total']} examples in {stage.results['generate_s']} s",

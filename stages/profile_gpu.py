@@ -104,7 +104,7 @@ def load_variant(variant: str, path: str):
 def timed_request(model, tokenizer, prompt: str, fixed: int, max_tokens: int) -> dict:
     """Greedy answer with a KV cache, CUDA-synchronized per phase; `fixed` > 0 forces the length, EOS off."""
     import torch
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: the tests' path
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
     eos = tokenizer.eos_token_id
     with torch.inference_mode():
@@ -136,12 +136,13 @@ def batched_throughput(model, tokenizer, prompts: list[str], batch: int, fixed: 
     chunk = (prompts * (batch // len(prompts) + 1))[:batch]
     inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
     extra = {"min_new_tokens": fixed} if fixed else {"stop_strings": ["}"], "tokenizer": tokenizer}
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     began = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=fixed or max_tokens,
                              pad_token_id=tokenizer.pad_token_id, **extra)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - began
     new = out[:, inputs["input_ids"].shape[1]:]
     generated = int((new != tokenizer.pad_token_id).sum())

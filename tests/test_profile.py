@@ -61,3 +61,20 @@ def test_profile_cpu_without_gguf_names_make_target(tmp_path):
     stage("generate", tmp_path)
     proc = stage("profile_cpu", tmp_path, check=False)
     assert proc.returncode == 3 and "make gguf" in proc.stderr
+
+
+@pytest.mark.integration
+def test_gpu_request_timing_logic_on_cpu(quantized):
+    """profile-gpu's request loop and batched run, exercised on the CPU (no CUDA here): real answers stop at
+    the closing brace; a fixed length with EOS off generates exactly that many tokens."""
+    from stages.lib.task import build_prompt
+    from stages.profile_gpu import batched_throughput, load_variant, timed_request
+    backend = load_variant("fp16", str(quantized / "merge" / "tiny"))
+    prompt = build_prompt("dodaj 3 paste za zube")
+    answer = timed_request(backend.model, backend.tokenizer, prompt, fixed=0, max_tokens=48)
+    assert 1 <= answer["generated_tokens"] <= 48 and 0 < answer["ttft_s"] <= answer["latency_s"]
+    fixed = timed_request(backend.model, backend.tokenizer, prompt, fixed=20, max_tokens=48)
+    assert fixed["generated_tokens"] == 20
+    batch = batched_throughput(backend.model, backend.tokenizer, [prompt, build_prompt("remove 2 apples")], 4,
+                               fixed=8, max_tokens=48)
+    assert batch["batch"] == 4 and batch["generated_tokens"] >= 4 * 8 - 4 and batch["tok_s"] > 0

@@ -72,6 +72,16 @@ def host_facts() -> dict:
     return facts
 
 
+def runner_facts() -> dict:
+    """Which runner produced a stage: `local` (.venv) or `docker`, with the image compose.yaml names and,
+    when the host knew it, the image's digest (set by compose.yaml; a container cannot ask the engine)."""
+    facts = {"kind": os.environ.get("CART_RUNNER") or "local"}
+    for key, variable in (("image", "CART_IMAGE"), ("digest", "CART_IMAGE_DIGEST")):
+        if os.environ.get(variable):
+            facts[key] = os.environ[variable]
+    return facts
+
+
 def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / MANIFEST).read_text())
@@ -141,6 +151,7 @@ class StageRun:
         manifest = {
             "stage": self.stage, **self.fingerprint, "config": self.config, "outputs": outputs,
             "results": self.results, "packages": package_versions(self.packages), "host": host_facts(),
+            "runner": runner_facts(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - self.started, 3),
         }

@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+# gguf, evaluate and baseline on CPU, profile-cpu, serve. llama.cpp is compiled from the pinned
+# llama-cpp-python sdist for a portable x86-64 baseline: GGML_NATIVE off (no -march of the build
+# host) and GGML_CPU_ALL_VARIANTS on (one CPU backend per x86-64 level, sse4.2 to AVX-512/AMX, the
+# best one for the running CPU chosen at start by images/sitecustomize.py), so an image pulled onto
+# another host benchmarks that host's CPU. torch is the CPU build of the pinned version: no CUDA here.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
+
+FROM ${PYTHON_IMAGE} AS build
+ARG LLAMA_CPP_COMMIT
+# GGML_CPU_ALL_VARIANTS needs GGML_BACKEND_DL (each variant a loadable module); ggml installs those
+# modules to CMAKE_INSTALL_BINDIR, pointed here at the package's own lib folder beside libggml.so.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/*
+COPY requirements/base.txt requirements/train.txt requirements/gptq.txt requirements/gguf.txt \
+     requirements/api.txt /src/requirements/
+# The pinned torch from PyTorch's CPU index first (2.14.1+cpu satisfies torch==2.14.1), so the
+# requirement files below find it installed and pull no CUDA libraries; llama-cpp-python from source.
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
+      "$(grep -o '^torch==[^ ]*' /src/requirements/train.txt)" \
+ && /opt/venv/bin/pip install --no-binary llama-cpp-python \
+      -r /src/requirements/gguf.txt -r /src/requirements/gptq.txt -r /src/requirements/api.txt
+# llama.cpp's converter from the same sdist (as `make venv` does), and proof that it is the commit
+# the image's label names.
+COPY stages/lib/llama_cpp_tools.py /src/llama_cpp_tools.py
+RUN /opt/venv/bin/python /src/llama_cpp_tools.py install \
+ && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"
+
+FROM ${PYTHON_IMAGE}
+ARG PROJECT_VERSION=unknown
+ARG LLAMA_CPP_COMMIT
+LABEL org.opencontainers.image.title="cart-intent-cpu" \
+      org.opencontainers.image.description="cart-intent SLM: GGUF, CPU evaluation and profiling, serving" \
+      org.opencontainers.image.version="${PROJECT_VERSION}" \
+      cart-intent.llama-cpp.commit="${LLAMA_CPP_COMMIT}" \
+      cart-intent.requirements="requirements/gguf.txt requirements/gptq.txt requirements/api.txt"
+# libgomp: llama.cpp and torch run their CPU threads on OpenMP.
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 10001 --create-home app
+COPY --from=build /opt/venv /opt/venv
+COPY images/sitecustomize.py /opt/venv/lib/python3.11/site-packages/sitecustomize.py
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /app
+COPY stages/ /app/stages/
+USER app
+EXPOSE 8000
+CMD ["python", "-m", "stages.gguf", "--help"]

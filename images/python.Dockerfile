@@ -1,0 +1,25 @@
+# syntax=docker/dockerfile:1
+# generate, report and API-model baselines (compose services generate, report, baseline-api, transfer):
+# no torch, nothing compiled. Built by `make images` (context: the repository root, see .dockerignore).
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Requirement files before any code, so editing a stage does not reinstall the dependencies.
+COPY requirements/base.txt requirements/api.txt requirements/report.txt /src/requirements/
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install -r /src/requirements/api.txt -r /src/requirements/report.txt
+
+FROM ${PYTHON_IMAGE}
+ARG PROJECT_VERSION=unknown
+LABEL org.opencontainers.image.title="cart-intent-python" \
+      org.opencontainers.image.description="cart-intent SLM: generate, report, API baselines" \
+      org.opencontainers.image.version="${PROJECT_VERSION}" \
+      cart-intent.requirements="requirements/api.txt requirements/report.txt"
+RUN useradd --uid 10001 --create-home app
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
+WORKDIR /app
+COPY stages/ /app/stages/
+USER app
+CMD ["python", "-m", "stages.generate", "--help"]

@@ -1,0 +1,346 @@
+"""Containers, checked without a Docker engine: the Dockerfiles, compose.yaml, the content tags, .dockerignore,
+the Makefile's runners (one command under both) and the runner each stage records in its manifest."""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from stages.lib import artifacts
+
+spec = importlib.util.spec_from_file_location("image_tags", ROOT / "images" / "tags.py")
+tags = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tags)
+
+IMAGES = tags.image_names()
+CUDA_IMAGES = {"train", "gptq", "gpu"}
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+# The issue's placement of every stage (compose service -> image).
+SERVICE_IMAGES = {"generate": "python", "report": "python", "baseline-api": "python", "transfer": "python",
+                  "base": "train", "finetune": "train", "merge": "train", "gptq": "gptq",
+                  "profile-gpu": "gpu", "evaluate-gpu": "gpu",
+                  "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "cpu",
+                  "predict": "cpu"}
+# Final stages that keep a compiler on purpose: gptqmodel's kernels and triton compile just in time.
+JIT_IMAGES = {"gptq", "gpu"}
+COMPILER_PACKAGES = re.compile(r"\b(build-essential|cmake|gcc|g\+\+|clang)\b")
+
+
+def stages_of(name: str) -> list[list[tuple[str, str]]]:
+    """A Dockerfile's instructions split at each FROM (the global ARGs before the first one dropped)."""
+    result = []
+    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, rest))
+    return result
+
+
+def global_args(name: str) -> dict[str, str]:
+    args = {}
+    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            key, _, value = rest.partition("=")
+            args[key] = value
+    return args
+
+
+def installed_requirements(name: str) -> list[str]:
+    text = " ".join(rest for stage in stages_of(name) for keyword, rest in stage if keyword == "RUN")
+    return sorted(set(re.findall(r"-r /src/(requirements/[\w.-]+\.txt)", text)))
+
+
+def closure(requirement: str) -> set[str]:
+    """The requirement file and every file it includes with -r."""
+    files, todo = set(), [requirement]
+    while todo:
+        path = todo.pop()
+        files.add(path)
+        for line in (ROOT / path).read_text().splitlines():
+            if line.startswith("-r "):
+                todo.append(f"requirements/{line.split()[1]}")
+    return files
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerfile_parses_and_copies_only_existing_paths(name):
+    stages = stages_of(name)
+    assert len(stages) >= 2, "multi-stage: a build stage, then the run-time stage"
+    names = {rest.split()[-1] for stage in stages for keyword, rest in stage[:1] if " AS " in rest.upper()}
+    for source in tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile"):
+        assert (ROOT / source).exists(), f"{name}.Dockerfile copies {source}, which does not exist"
+        assert not tags.ignored(source.rstrip("/"), tags.ignore_rules()), f"{source} is left out by .dockerignore"
+    for stage in stages:
+        for keyword, rest in stage:
+            if keyword == "COPY" and "--from=" in rest:
+                assert re.search(r"--from=(\S+)", rest).group(1) in names, rest
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_image_installs_existing_requirement_files_and_copies_their_includes(name):
+    wanted = installed_requirements(name)
+    assert wanted, f"{name}.Dockerfile installs no requirement file"
+    copied = set(tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile"))
+    for requirement in wanted:
+        assert (ROOT / requirement).is_file(), requirement
+        missing = closure(requirement) - copied
+        assert not missing, f"{name}.Dockerfile installs {requirement} but does not copy {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_final_stage_runs_as_a_non_root_user_without_build_tools(name):
+    final = stages_of(name)[-1]
+    users = [rest for keyword, rest in final if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{name}: the run-time stage must end as a non-root user"
+    installs = " ".join(rest for keyword, rest in final if keyword == "RUN" and "apt-get install" in rest)
+    if name not in JIT_IMAGES:
+        assert not COMPILER_PACKAGES.search(installs), f"{name}: compilers belong in the build stage"
+    assert not re.search(r"\b(build-essential|cmake)\b", installs)
+    assert any(k == "COPY" and rest.startswith("--from=build") for k, rest in final), "the venv comes from `build`"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_no_secret_is_baked_into_an_image(name):
+    text = (ROOT / "images" / f"{name}.Dockerfile").read_text()
+    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
+        if keyword in ("ENV", "ARG", "LABEL"):
+            assert not re.search(r"HF_TOKEN|OPENAI_API_KEY|_TOKEN\b|API_KEY|SECRET|PASSWORD", rest, re.I), rest
+    assert "HF_TOKEN" not in text and "OPENAI_API_KEY" not in text
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_base_images_are_pinned_through_args(name):
+    args = global_args(name)
+    stage_names = set()
+    for stage in stages_of(name):
+        base = stage[0][1].split()[0]
+        if base in stage_names:
+            continue
+        variable = re.fullmatch(r"\$\{(\w+)\}", base)
+        assert variable, f"{name}: FROM {base} is not an ARG"
+        default = args.get(variable.group(1), "")
+        assert re.search(r":\d+(\.\d+)+", default) and "latest" not in default, f"{name}: {default} is not pinned"
+        if " AS " in stage[0][1].upper():
+            stage_names.add(stage[0][1].split()[-1])
+    if name in CUDA_IMAGES:
+        assert args["CUDA_IMAGE"].startswith("nvidia/cuda:13.0."), "torch 2.14.1's wheels are built for CUDA 13.0"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_labels_name_the_project_version_and_the_llama_cpp_commit(name):
+    labels = " ".join(rest for keyword, rest in stages_of(name)[-1] if keyword == "LABEL")
+    assert 'org.opencontainers.image.version="${PROJECT_VERSION}"' in labels
+    if "requirements/gguf.txt" in installed_requirements(name):
+        assert 'cart-intent.llama-cpp.commit="${LLAMA_CPP_COMMIT}"' in labels
+        assert global_args(name)["LLAMA_CPP_COMMIT"] == LLAMA_CPP_COMMIT
+        text = (ROOT / "images" / f"{name}.Dockerfile").read_text()
+        # the build proves the label: the converter's COMMIT from the same sdist must equal it
+        assert 'test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"' in text
+        for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
+                     "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):   # the variants where sitecustomize.py looks
+            assert flag in text, f"{name}: llama.cpp must be built portable ({flag})"
+        assert "--no-binary llama-cpp-python" in text
+        assert "images/sitecustomize.py" in tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile")
+    assert LLAMA_CPP_COMMIT in (ROOT / "README.md").read_text()
+    assert tags.build_args()["PROJECT_VERSION"] == re.search(r'version = "(.+)"', (ROOT / "pyproject.toml").read_text())[1]
+
+
+def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
+    rules = tags.ignore_rules()
+    for path in ("artifacts/tiny/merge/model.safetensors", "artifacts/README.md", ".venv/bin/python", ".git/HEAD",
+                 "stages/lib/__pycache__/cli.cpython-311.pyc", "tests/test_task.py", "configs/tiny.toml", ".env"):
+        assert tags.ignored(path, rules), f"{path} would enter a build context"
+    for path in ("stages/generate.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/sitecustomize.py"):
+        assert not tags.ignored(path, rules), f"{path} is needed by an image"
+
+
+def _tag_tree(tmp_path: Path) -> Path:
+    """A copy of what the tags read, to change files without touching the checkout."""
+    for name in ("images", "requirements", "stages"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", ".dockerignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_tags_follow_the_content_of_each_image(tmp_path, monkeypatch):
+    root = _tag_tree(tmp_path)
+    monkeypatch.setattr(tags, "ROOT", root)
+    monkeypatch.setattr(tags, "IMAGES", root / "images")
+    before = {name: tags.tag(name) for name in IMAGES}
+    assert before == {name: tags.tag(name) for name in IMAGES}
+    assert all(re.fullmatch(r"[0-9a-f]{12}", t) for t in before.values()) and len(set(before.values())) == len(IMAGES)
+
+    (root / "stages" / "lib" / "__pycache__").mkdir()
+    (root / "stages" / "lib" / "__pycache__" / "x.pyc").write_bytes(b"\0")   # ignored by .dockerignore
+    (root / "README.md").write_text("not copied into any image")
+    assert {name: tags.tag(name) for name in IMAGES} == before
+
+    with open(root / "requirements" / "report.txt", "a") as fh:
+        fh.write("# a comment is content too\n")
+    after = {name: tags.tag(name) for name in IMAGES}
+    assert {name for name in IMAGES if after[name] != before[name]} == {"python"}
+
+    with open(root / "requirements" / "base.txt", "a") as fh:   # included by every image's requirements
+        fh.write("\n")
+    assert all(tags.tag(name) != after[name] for name in IMAGES)
+
+    (root / "stages" / "generate.py").write_text("# code baked into every image\n")
+    changed = {name: tags.tag(name) for name in IMAGES}
+    (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text().replace('version = "', 'version = "9'))
+    assert all(tags.tag(name) != changed[name] for name in IMAGES)   # the version label is a build argument
+
+
+def test_tags_cli_prints_what_compose_reads(monkeypatch):
+    monkeypatch.setenv("REGISTRY", "ghcr.io/example")
+    env = subprocess.run([sys.executable, "images/tags.py", "env"], cwd=ROOT, capture_output=True, text=True, check=True)
+    values = dict(line.split("=", 1) for line in env.stdout.split())
+    assert values["PROJECT_VERSION"] and {f"TAG_{n.upper()}" for n in IMAGES} <= set(values)
+    refs = subprocess.run([sys.executable, "images/tags.py", "refs"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert refs == [f"ghcr.io/example/cart-intent-{n}:{values[f'TAG_{n.upper()}']}" for n in IMAGES]
+    bad = subprocess.run([sys.executable, "images/tags.py", "tag", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "pick one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compose_file_validates_against_the_compose_specification(tmp_path):
+    def check(path):
+        return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                               str(path)], capture_output=True, text=True)
+
+    ok = check(ROOT / "compose.yaml")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "compose.yaml"   # the validator is strict: a misspelled key fails
+    broken.write_text((ROOT / "compose.yaml").read_text().replace("    command: python -m stages.gguf",
+                                                                  "    commmand: python -m stages.gguf"))
+    assert check(broken).returncode != 0
+
+
+def test_every_service_runs_an_existing_stage_in_its_image():
+    services = compose()["services"]
+    assert set(services) == set(SERVICE_IMAGES)
+    for service, spec in services.items():
+        image = SERVICE_IMAGES[service]
+        module = re.match(r"python -m (stages(?:\.lib)?\.\w+) ", spec["command"] + " ").group(1)
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{service}: no module {module}"
+        assert spec["image"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_{image.upper()}:?")
+        assert spec["build"]["dockerfile"] == f"images/{image}.Dockerfile" and spec["build"]["context"] == "."
+        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+        assert "./artifacts:/app/artifacts" in spec["volumes"] and spec["working_dir"] == "/app"
+        environment = spec["environment"]
+        assert environment["CART_RUNNER"] == "docker"
+        assert environment["CART_IMAGE"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_")
+        assert environment["CART_IMAGE_DIGEST"] == f"${{DIGEST_{image.upper()}:-}}"
+        for secret in ("HF_TOKEN", "OPENAI_API_KEY"):   # no value: passed from the host's environment
+            assert secret in environment and environment[secret] is None
+    assert services["serve"]["ports"] == ["127.0.0.1:8000:8000"]
+
+
+def test_cuda_services_reserve_gpus_and_the_cpu_host_override_releases_them():
+    services = compose()["services"]
+    gpu_services = {s for s, image in SERVICE_IMAGES.items() if image in CUDA_IMAGES}
+    for service, spec in services.items():
+        devices = spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        if service in gpu_services:
+            assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}], service
+        else:
+            assert devices is None, f"{service} runs in a CPU image and must start on any host"
+
+    class ResetLoader(yaml.SafeLoader):
+        pass
+
+    ResetLoader.add_constructor("!reset", lambda loader, node: "!reset")
+    override = yaml.load((ROOT / "images" / "compose.no-gpu.yaml").read_text(), Loader=ResetLoader)
+    assert override["services"] == {s: {"deploy": "!reset"} for s in gpu_services}
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS` as from a fresh shell: nothing inherited from a calling make or the caller's RUNNER."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "RUNNER", "GPU", "REGISTRY") and not k.startswith("SERVICE_")}
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+
+
+def _make_dry_run(*args: str) -> list[str]:
+    proc = _make(*args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _stage_targets() -> dict[str, str]:
+    """make target -> stages module, for every target that runs $(call STAGE,...)."""
+    text = (ROOT / "Makefile").read_text()
+    return dict(re.findall(r"^([a-z-]+):.*\n\t\$\(call STAGE,(\w+)\)", text, re.MULTILINE))
+
+
+@pytest.mark.parametrize("target", sorted({**_stage_targets(), "export": "lib.transfer", "import": "lib.transfer"}))
+def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
+    module = {**_stage_targets(), "export": "lib.transfer", "import": "lib.transfer"}[target]
+    archive = tmp_path / "run.tar.gz"
+    common = [target, "CONFIG=configs/smoke.toml", "SET=generate.seed=7 run.seed=3", "GPU=0", f"FILE={archive}"]
+    commands = {}
+    for runner in ("local", "docker"):
+        (line,) = [x for x in _make_dry_run(f"RUNNER={runner}", *common) if f" -m stages.{module} " in x + " "]
+        commands[runner] = line.split(f" -m stages.{module}", 1)
+    local_head, local_args = commands["local"]
+    docker_head, docker_args = commands["docker"]
+    assert local_head == ".venv/bin/python"
+    service = {"export": "transfer", "import": "transfer"}.get(target, target)
+    assert re.search(rf"docker compose -f compose\.yaml -f images/compose\.no-gpu\.yaml run --rm --service-ports "
+                     rf"(-v \S+ )?\s*{re.escape(service)} python$", docker_head), docker_head
+    assert f"TAG_{'CPU'}=" in docker_head and "REGISTRY=localhost" in docker_head
+    if target == "serve":   # the one container-only setting: listen on the container's interfaces
+        docker_args = docker_args.removesuffix(" --set serve.host=0.0.0.0")
+    assert local_args.strip() == docker_args.strip()
+    if target not in ("export", "import"):
+        assert "--config configs/smoke.toml --set generate.seed=7 --set run.seed=3" in local_args
+
+
+def test_make_picks_services_gpu_override_and_runner():
+    (line,) = [x for x in _make_dry_run("RUNNER=docker", "GPU=1", "SERVICE_evaluate=evaluate-gpu", "evaluate")
+               if "-m stages.evaluate" in x]
+    assert "-f images/compose.no-gpu.yaml" not in line and " evaluate-gpu python -m stages.evaluate " in line
+    engine = subprocess.run(["docker", "info"], capture_output=True).returncode == 0 if shutil.which("docker") else False
+    (line,) = [x for x in _make_dry_run("generate") if "-m stages.generate" in x]
+    assert ("docker compose" in line) == engine   # default: docker only when an engine answers
+    bad = _make("RUNNER=podman", "generate")
+    assert bad.returncode != 0 and "RUNNER must be docker or local" in bad.stderr
+
+
+def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):
+    def publish(name):
+        run = artifacts.StageRun(name, name, tmp_path, {}, {}, "code", [])
+        (run.fresh_tmp() / "out.txt").write_text("x")
+        return run.publish()
+
+    for variable in ("CART_RUNNER", "CART_IMAGE", "CART_IMAGE_DIGEST"):
+        monkeypatch.delenv(variable, raising=False)
+    assert publish("a")["runner"] == {"kind": "local"}
+    monkeypatch.setenv("CART_RUNNER", "docker")
+    monkeypatch.setenv("CART_IMAGE", "localhost/cart-intent-cpu:0123456789ab")
+    monkeypatch.setenv("CART_IMAGE_DIGEST", "")   # compose sets it empty when the host did not know it
+    assert publish("b")["runner"] == {"kind": "docker", "image": "localhost/cart-intent-cpu:0123456789ab"}
+    monkeypatch.setenv("CART_IMAGE_DIGEST", "localhost/cart-intent-cpu@sha256:" + "0" * 64)
+    publish("c")
+    assert artifacts.read_manifest(tmp_path / "c")["runner"]["digest"] == "localhost/cart-intent-cpu@sha256:" + "0" * 64
+
+
+def test_sitecustomize_does_nothing_on_a_build_without_cpu_variants():
+    """The local .venv links its CPU backend in; the image hook must leave it alone (and never fail)."""
+    code = ("import runpy; runpy.run_path('images/sitecustomize.py'); import llama_cpp; "
+            "print(llama_cpp.llama_cpp.llama_supports_mmap() in (True, False))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]

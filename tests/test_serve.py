@@ -1,0 +1,166 @@
+"""serve and predict on the smoke run's Q4_K_M GGUF: the server on a free 127.0.0.1 port answers valid and
+invalid /v1/intent requests, the OpenAI-compatible routes, and a bounded load test with no failure."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, SMOKE
+from stages.lib.catalog import load_catalog
+
+pytestmark = pytest.mark.integration
+MAX_CHARS = 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(name, artifacts_dir, *sets):
+    cmd = [sys.executable, "-m", f"stages.{name}", "--config", SMOKE, "--set", f"run.artifacts_dir='{artifacts_dir}'",
+           "--set", f"serve.max_text_chars={MAX_CHARS}"]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
+def post(port, body, timeout=60):
+    """(status, decoded JSON answer) for a POST to /v1/intent; body bytes are sent as they are."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/intent", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(quantized):
+    port = free_port()
+    proc = subprocess.Popen(command("serve", quantized.parent, f"serve.port={port}", "serve.threads=2"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, f"server exited: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "server did not start within 120 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def assert_intent(answer):
+    assert answer["action"] in ("add", "remove")
+    assert answer["product"] in load_catalog().names
+    assert isinstance(answer["quantity"], int) and answer["quantity"] >= 1
+    assert isinstance(answer["raw"], str) and answer["latency_s"] >= 0
+
+
+def test_intent_answers_schema_checked_json(server):
+    for text in ("dodaj 3 paste za zube", "add two lip balms please", "quita 4 jabones del carrito"):
+        status, answer = post(server, {"text": text})
+        assert status == 200, answer
+        assert_intent(answer)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({}, "text"),                                  # no text
+    ({"text": ""}, "empty"),
+    ({"text": "   \n "}, "empty"),
+    ({"text": "x" * (MAX_CHARS + 1)}, "longer than"),
+    ({"text": 42}, "text"),                        # not a string
+    ({"text": ["add", "3"]}, "text"),
+    ({"text": "add 3 soaps", "extra": 1}, "extra"),
+    (b"add 3 soaps", "json"),                      # not JSON
+    (b'{"text": "add 3', "json"),                  # broken JSON
+    (b"[1, 2]", ""),                               # JSON, not an object
+])
+def test_bad_requests_get_a_4xx_with_a_message(server, body, needle):
+    status, answer = post(server, body)
+    assert 400 <= status < 500, (status, answer)
+    assert answer.get("detail"), answer
+    assert needle in json.dumps(answer).lower()
+
+
+def test_openai_compatible_routes(server):
+    from openai import OpenAI
+    client = OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    [model] = [m.id for m in client.models.list().data]
+    assert model.endswith("-Q4_K_M")
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "add 3 soaps"}],
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens <= 8
+    done = client.completions.create(model=model, prompt="Message: add 3 soaps\nJSON:", max_tokens=8)
+    assert isinstance(done.choices[0].text, str)
+    status, answer = post(server, {"text": "add 3 soaps"})   # the shared context still answers intents
+    assert status == 200, answer
+
+
+def test_bounded_load_200_requests_8_clients(server):
+    texts = ["dodaj 3 paste za zube", "add two lip balms", "quita 4 jabones", "remove 1 shampoo"]
+
+    def one(i):
+        began = time.perf_counter()
+        status, answer = post(server, {"text": texts[i % len(texts)]}, timeout=120)
+        return status, answer, time.perf_counter() - began
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(200)))
+    seconds = time.perf_counter() - began
+    failed = [(s, a) for s, a, _ in results if s != 200]
+    assert not failed, failed[:3]
+    for _, answer, _ in results:
+        assert_intent(answer)
+    latencies = sorted(t for _, _, t in results)
+    p95 = latencies[int(0.95 * len(latencies)) - 1]
+    print(f"\nload test: 200 requests, 8 clients: {200 / seconds:.1f} requests/s, P95 {p95 * 1000:.0f} ms")
+
+
+def test_predict_one_text_and_stdin_lines(quantized):
+    proc = subprocess.run(command("predict", quantized.parent, "serve.threads=2") + ["--text", "dodaj 3 paste za zube"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [line] = proc.stdout.splitlines()
+    answer = json.loads(line)
+    assert answer["text"] == "dodaj 3 paste za zube"
+    assert_intent(answer)
+
+    lines = ["add two lip balms", "", "quita 4 jabones", "x" * (MAX_CHARS + 5)]
+    proc = subprocess.run(command("predict", quantized.parent, "serve.threads=2"), input="\n".join(lines) + "\n",
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [a["text"] for a in answers] == [lines[0], lines[2], lines[3]]
+    assert_intent(answers[0])
+    assert_intent(answers[1])
+    assert "longer than" in answers[2]["error"]
+
+
+def test_missing_gguf_exits_3_naming_make_gguf(tmp_path):
+    proc = subprocess.run(command("serve", tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "make gguf" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(command("predict", tmp_path, "serve.port=0") + ["--text", "x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "serve.port" in proc.stderr
