@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -165,13 +164,14 @@ def worker(spec_file: Path) -> int:
     with hardware.PeakRSS() as memory:
         rss_before = memory.now()
         from stages.lib.backends import GGUFBackend
+        from stages.lib.constrained import common_prefix
         began = time.perf_counter()
         backend = GGUFBackend(Path(spec["path"]), n_ctx=spec["n_ctx"], n_threads=spec["threads"])
         load_s = time.perf_counter() - began
         rss_loaded = memory.now()
         llm, prompts = backend.llm, spec["prompts"]
         token_lists = [llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in prompts]
-        shared = min(min(_common(token_lists[0], t) for t in token_lists), min(map(len, token_lists)) - 1)
+        shared = min(min(common_prefix(token_lists[0], t) for t in token_lists), min(map(len, token_lists)) - 1)
         reference = [t for tokens in token_lists for t in tokens][: spec["reference_prompt_tokens"]]
         plain = _plain_reference(llm, reference, spec["reference_new_tokens"])
         rows, outputs, timed = {}, {}, []
@@ -207,11 +207,6 @@ def worker(spec_file: Path) -> int:
     return 0
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    from stages.lib.constrained import common_prefix
-    return common_prefix(a, b)
-
-
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 def median_answer_tokens(gguf_file: Path, examples: list[dict]) -> int:
@@ -222,20 +217,6 @@ def median_answer_tokens(gguf_file: Path, examples: list[dict]) -> int:
     lengths = [len(llm.tokenize(build_completion(e["action"], e["product"], e["quantity"]).encode(), add_bos=False))
                for e in examples]
     return int(statistics.median(lengths))
-
-
-def profile_variant(spec: dict, out: Path, timeout: int) -> dict:
-    spec_file = out / f".{Path(spec['result']).stem}.spec.json"
-    artifacts.write_json(spec_file, spec)
-    proc = subprocess.run([sys.executable, "-m", "stages.profile_cpu", "--worker", str(spec_file)],
-                          capture_output=True, text=True, timeout=timeout)
-    spec_file.unlink()
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"profiling {spec['path']} failed (exit {proc.returncode}): {tail}")
-    result = artifacts.read_json(Path(spec["result"]))
-    Path(spec["result"]).unlink()
-    return result
 
 
 def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
@@ -278,8 +259,8 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
                     "reference_prompt_tokens": cfg.reference_prompt_tokens,
                     "reference_new_tokens": cfg.reference_new_tokens}
             try:
-                result = profile_variant(spec, out, cfg.timeout_s)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                result = hardware.run_worker("stages.profile_cpu", spec, cfg.timeout_s)
+            except RuntimeError as err:
                 cli.console.print(f"[red]profile-cpu failed[/red] {err}")
                 return 1
             weights = weights_read_per_token(path)

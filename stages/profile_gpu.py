@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -248,17 +247,11 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
             spec = {"variant": variant, "path": paths[variant], "prompts": prompts, "warmup": cfg.warmup,
                     "fixed_tokens": fixed, "max_tokens": ANSWER_TOKENS, "batch_sizes": cfg.batch_sizes,
                     "power_sample_ms": cfg.power_sample_ms, "result": str(out / f".{slug}__{variant}.json")}
-            spec_file = out / f".{slug}__{variant}.spec.json"
-            artifacts.write_json(spec_file, spec)
-            proc = subprocess.run([sys.executable, "-m", "stages.profile_gpu", "--worker", str(spec_file)],
-                                  capture_output=True, text=True, timeout=cfg.timeout_s)
-            spec_file.unlink()
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                cli.console.print(f"[red]profile-gpu failed[/red] {slug} {variant} (exit {proc.returncode}): {tail}")
+            try:
+                result = hardware.run_worker("stages.profile_gpu", spec, cfg.timeout_s)
+            except RuntimeError as err:
+                cli.console.print(f"[red]profile-gpu failed[/red] {err}")
                 return 1
-            result = artifacts.read_json(Path(spec["result"]))
-            Path(spec["result"]).unlink()
             rows.append({"model": slug, "source": source["kind"], "fixed_tokens": fixed, **result})
     artifacts.write_json(out / "results.json", {"host": host, "gpu": gpu, "rows": rows})
     stage.results.update(host=host, gpu=gpu, rows=rows)

@@ -135,6 +135,29 @@ class PeakRSS:
                 "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def run_worker(module: str, spec: dict, timeout_s: int) -> dict:
+    """`python -m <module> --worker SPEC` in a fresh process, so load time and memory are its own; returns the
+    JSON it wrote to spec["result"]. A failure or timeout raises RuntimeError with the worker's last line."""
+    import json
+    import sys
+    result = Path(spec["result"])
+    spec_file = result.with_name(result.stem + ".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", str(spec_file)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{module} worker on {spec['path']} ran past {timeout_s} s") from None
+    finally:
+        spec_file.unlink()
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{module} worker on {spec['path']} failed (exit {proc.returncode}): {tail}")
+    value = json.loads(result.read_text())
+    result.unlink()
+    return value
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100), as numpy's default."""
     import numpy as np
