@@ -414,8 +414,7 @@ def run(run_cfg, cfg: ReportConfig, args) -> int:
     rows = {r["label"]: r if "skipped" in r else {"exact match": fmt(r["exact_match"]), "95% CI": fmt(r["ci95"]),
                                                    "paper": fmt(r.get("paper"))} for r in tables["accuracy"]}
     cli.show_results(f"report: {stage.out_dir / 'report.html'}", rows, ["exact match", "95% CI", "paper"])
-    for line in (json.dumps(tables["recommendation"]),):
-        cli.console.print(f"recommendation {line}")
+    cli.console.print(f"recommendation {json.dumps(tables['recommendation'])}")
     return 0
 
 
