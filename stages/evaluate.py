@@ -7,9 +7,9 @@ exact McNemar test of each variant against the merged FP16 model (free decoding)
 second, batched and at batch size 1 (transformers and GPTQ; the two must give identical answers),
 and model calls per answer (constrained decoding forces the schema's fixed text without a decode step).
 
-    python -m stages.evaluate --config configs/tiny.toml
+    python -m stages.evaluate --config configs/smollm2.toml
     python -m stages.evaluate --config configs/smoke.toml --constrained        # constrained only
-    python -m stages.evaluate --config configs/tiny.toml --data my.jsonl       # -> eval-my/
+    python -m stages.evaluate --config configs/smollm2.toml --data datasets/realistic.jsonl   # -> eval-realistic/
 
 Writes artifacts/<run>/eval/results.json (one row per variant and decoding mode) and
 predictions/<slug>__<variant>__<decoding>.jsonl.
@@ -50,7 +50,11 @@ def read_examples(path: Path) -> list[dict]:
     """Labelled examples; a malformed line stops with its number and what is wrong."""
     from stages.lib.task import ACTIONS
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); expected JSON Lines of labelled examples") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stages.lib import artifacts, cli
 from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.llama_cpp_tools import ToolsMissing, converter
+from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
 from stages.lib.models import count_parameters, quantization_sources
 
 PACKAGES = ["llama-cpp-python", "torch", "transformers", "sentencepiece", "numpy"]
@@ -107,7 +107,7 @@ def build_one(source: dict, cfg: GGUFConfig, probe: list[str], out: Path) -> dic
             size = path.stat().st_size
             variants[type_name] = {"file": path.name, "bytes": size, "bits_per_weight": round(8 * size / parameters, 3),
                                    "size_vs_f16": round(size / variants["F16"]["bytes"], 4) if variants else 1.0,
-                                   "build_s": timing["seconds"]}
+                                   "build_s": timing["seconds"], "tensor_types": tensor_types(path)}
             bar.advance(task)
 
     if source["kind"] == "shape" or not probe:

@@ -3,11 +3,12 @@
 Same model, prompt, constrained decoding and schema check as `python -m stages.serve` /v1/intent
 (config table [serve]). With --text "-" or no --text, answers each line of standard input.
 
-    python -m stages.predict --config configs/tiny.toml --text "dodaj 3 paste za zube"
+    python -m stages.predict --config configs/smollm2.toml --text "dodaj 3 paste za zube"
     printf 'add two lip balms\\nquita 3 jabones\\n' | python -m stages.predict --config configs/smoke.toml
 
 Prints {"text", "action", "product", "quantity", "raw", "latency_s"} per message, or
-{"text", "error", "raw"} when the answer is not valid; exit 0 either way (2: bad config, 3: no GGUF).
+{"text", "error"[, "raw"]} when a message cannot be answered (too long for the context, not valid Unicode,
+an invalid answer) -- the next lines are still answered; exit 0 either way (2: bad config, 3: no GGUF).
 """
 from __future__ import annotations
 
@@ -18,19 +19,36 @@ from stages.lib import cli
 from stages.serve import IntentModel, ServeConfig, gguf_path
 
 
+def emit(answer: dict) -> None:
+    """One JSON line; escaped (\\uXXXX) when the text holds something UTF-8 cannot carry (a lone surrogate)."""
+    line = json.dumps(answer, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(answer)
+    print(line, flush=True)
+
+
 def predict(run, cfg: ServeConfig, args) -> int:
     from stages.lib.backends import GGUFBackend
     model = IntentModel(GGUFBackend(gguf_path(run, cfg), n_ctx=cfg.n_ctx, n_threads=cfg.threads or None),
                         cfg.max_text_chars)
-    texts = sys.stdin if args.text in (None, "-") else [args.text]
-    for line in texts:
-        text = line.rstrip("\n")
+    lines = sys.stdin.buffer if args.text in (None, "-") else [args.text.encode("utf-8", "surrogatepass")]
+    for number, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as err:  # one bad line is answered with an error; the rest go on
+            emit({"line": number, "error": f"not UTF-8 text (byte {err.start})"})
+            continue
         if args.text in (None, "-") and not text.strip():
             continue   # blank lines between messages
-        status, answer = model(text)
+        try:
+            status, answer = model(text)
+        except Exception as err:  # noqa: BLE001 - a failure on one message must not stop the batch
+            status, answer = 500, {"detail": f"{type(err).__name__}: {err}"}
         if status != 200:
             answer = {"error": answer.pop("detail"), **answer}
-        print(json.dumps({"text": text, **answer}, ensure_ascii=False), flush=True)
+        emit({"text": text, **answer})
     return cli.EXIT_OK
 
 

@@ -7,7 +7,7 @@ and host), the prefix-cache comparison, a GPU table (FP16 vs GPTQ), figures 2-7 
 Pareto chart, per-language / per-noise accuracy and the share of the memory-bandwidth limit, the
 deployment recommendation of the paper's section 5.3 computed from this run, and the environment.
 
-    python -m stages.report --config configs/tiny.toml
+    python -m stages.report --config configs/smollm2.toml
     python -m stages.report --config configs/smoke.toml
 
 Writes artifacts/<run>/report/: report.md, report.html (self-contained, figures embedded),
@@ -42,6 +42,12 @@ PAPER = {
             "GGUF Q3_K_M": {"tok_s": 13.0, "ram_gb": "0.93-1.14", "mean_s": 1.23, "p95_s": 1.79}},
 }
 MODES = ("naive", "prefix_cached", "prefix_cached_constrained")
+# Section 3.4.1's fine-tuning recipe: a run's finetune config is compared key by key (the why of each
+# deviation sits next to its value in the run's config file).
+PAPER_RECIPE = {"load_in_4bit": True, "quant_type": "nf4", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.15,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "epochs": 3.0, "max_steps": 0, "batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4,
+                "lr_scheduler": "linear", "warmup_ratio": 0.05, "max_grad_norm": 1.0}
 
 
 @dataclass
@@ -68,6 +74,8 @@ def gb(value) -> float | None:
 def collect(run_dir: Path) -> dict:
     data = {"eval": artifacts.read_json(run_dir / "eval" / "results.json"),
             "baseline": artifacts.read_json(run_dir / "baseline" / "results.json"),
+            "other_sets": {folder.parent.name.removeprefix("eval-"): artifacts.read_json(folder.parent / "results.json")
+                           for folder in sorted(run_dir.glob("eval-*/manifest.json"))},
             "manifests": {}, "cpu": [], "gpu": [], "hosts": {}, "gpu_skipped": {}, "bandwidth": {}}
     for manifest_file in sorted(run_dir.glob("*/manifest.json")) + sorted(run_dir.glob("profiles/*/*/manifest.json")):
         data["manifests"][str(manifest_file.parent.relative_to(run_dir))] = artifacts.read_json(manifest_file)
@@ -227,12 +235,59 @@ def pareto_points(accuracy: list[dict], cpu: list[dict], sizes: dict) -> list[di
 
 # ---- rendering ----------------------------------------------------------------------------------------------
 
+def other_sets_blocks(data: dict) -> list[tuple]:
+    """Every extra labelled set (`evaluate --data`, e.g. hand-written messages) beside the synthetic test split."""
+    if not data["other_sets"]:
+        return []
+    sets = {"synthetic test": data["eval"], **data["other_sets"]}
+    langs = sorted({lang for d in sets.values() for r in d["rows"] if "by_language" in r for lang in r["by_language"]})
+    rows = []
+    for name, d in sets.items():
+        for r in d["rows"]:
+            if "skipped" in r or r["decoding"] != "free":
+                continue
+            rows.append([name, str(d["examples"]), variant_label(r["variant"].split("/", 1)[1]), fmt(r["exact_match"]),
+                         fmt(r["exact_match_ci95"]), *(fmt(r["by_language"].get(lang, {}).get("exact_match"))
+                                                        for lang in langs)])
+    return [("h2", "Synthetic test split vs other labelled sets (free decoding)"),
+            ("p", "Other sets are scored by `evaluate --data FILE`; datasets/realistic.jsonl holds messages written by "
+                  "hand as shoppers type, never seen in training and not made by the generator's templates."),
+            ("table", ["set", "examples", "variant", "exact match", "95% CI", *(f"EM {lang}" for lang in langs)], rows)]
+
+
+def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
+    """Fine-tuning: steps, speed against the plain PyTorch loop, the curve, and each deviation from the paper."""
+    models = {slug: r for slug, r in finetune.get("results", {}).get("models", {}).items() if "skipped" not in r}
+    if not models:
+        return []
+    config = finetune.get("config", {})
+    blocks = [("h2", "Fine-tuning"),
+              ("table", ["model", "steps", "minutes", "train tok/s", "plain PyTorch loop tok/s", "vs plain loop",
+                         "best eval loss", "val exact match per evaluation (step: EM)"],
+               [[slug, str(r["steps"]), fmt(r["wall_s"] / 60, 1), fmt(r["train_tokens_per_s"], 1),
+                 fmt(r.get("plain_loop", {}).get("tokens_per_s"), 1), fmt(r.get("vs_plain_loop"), 2),
+                 fmt(r.get("best_eval_loss"), 4),
+                 ", ".join(f"{e['step']}: {e['val_exact_match']:.3f}" for e in r.get("evaluations", []))]
+                for slug, r in models.items()])]
+    curves = {slug: r["evaluations"] for slug, r in models.items() if r.get("evaluations")}
+    if curves:
+        blocks.append(("figure", figures.training_curve(curves, fig_dir / "training_curve.png"),
+                       "Validation exact match and loss against minutes of training"))
+    deviations = [[key, fmt(paper), fmt(config.get(key))] for key, paper in PAPER_RECIPE.items()
+                  if key in config and config[key] != paper]
+    if deviations:
+        blocks += [("p", "Deviations from the paper's fine-tuning recipe (section 3.4.1); the reason for each is "
+                         "commented next to its value in the run's config file."),
+                   ("table", ["setting", "paper", "this run"], deviations)]
+    return blocks
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None or value == "":
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, list) and len(value) == 2:
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         return f"[{fmt(value[0])}, {fmt(value[1])}]"
     return str(value)
 
@@ -302,6 +357,9 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     if tuned:
         blocks.append(("figure", figures.breakdown(tuned, fig_dir / "accuracy_breakdown.png"),
                        "Accuracy per language and per noise kind, per fine-tuned variant"))
+
+    blocks += other_sets_blocks(data)
+    blocks += training_blocks(data["manifests"].get("finetune", {}), fig_dir)
 
     blocks.append(("h2", "Table 3: CPU trade-offs (llama.cpp, batch 1)"))
     if cpu:

@@ -4,9 +4,10 @@ llama-cpp-python's server routes (/v1/chat/completions, /v1/completions, /v1/mod
 /v1/intent endpoint share one llama.cpp context (and the server's lock around it). /v1/intent takes
 {"text": "..."} and answers the schema-checked {"action", "product", "quantity"} decoded with constrained
 decoding on (plus "raw" and "latency_s"), or 422 {"detail", "raw"} when the answer is not a valid one.
-Bad requests (no text, empty or over-long text, not JSON) get a 4xx with a message. Writes nothing.
+Bad requests (no text, empty text, over-long text in characters or in tokens for the context, text that is
+not valid Unicode, not JSON) get a 4xx with a message. Writes nothing.
 
-    python -m stages.serve --config configs/tiny.toml                      # http://127.0.0.1:8000
+    python -m stages.serve --config configs/smollm2.toml                   # http://127.0.0.1:8000
     python -m stages.serve --config configs/smoke.toml --set serve.variant='"F16"' --set serve.port=8080
     curl -s 127.0.0.1:8000/v1/intent -H 'content-type: application/json' -d '{"text": "dodaj 3 paste za zube"}'
 
@@ -26,7 +27,7 @@ from stages.lib import cli
 from stages.lib.artifacts import MissingArtifact
 from stages.lib.backends import GGUFBackend
 from stages.lib.config import require
-from stages.lib.task import build_prompt, is_valid, parse_output
+from stages.lib.task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ServeConfig:
 
     def validate(self) -> None:
         require(self.variant.replace("_", "").isalnum(), "variant", 'a GGUF type such as "Q4_K_M" or "F16"')
+        require(self.model == "" or (self.model.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                                     and self.model.strip(".") == self.model), "model",
+                'a model folder name under <run>/gguf/ such as "smollm2-135m-instruct" (no path), or ""')
         require(1 <= self.port <= 65535, "port", "an integer in [1, 65535]")
         require(self.threads >= 0, "threads", "an integer >= 0 (0: every core)")
         require(self.max_text_chars >= 1, "max_text_chars", "an integer >= 1")
@@ -84,13 +88,22 @@ class IntentModel:
         backend.vocabulary()           # built once, before the first request
 
     def check_text(self, text) -> str | None:
-        """Why this text cannot be answered, or None."""
+        """Why this text cannot be answered, or None. The length limit that matters is in tokens: the prompt
+        and the longest answer must fit the context actually allocated (serve.n_ctx)."""
         if not isinstance(text, str):
             return "text: expected a string"
         if not text.strip():
             return "text: empty"
         if len(text.strip()) > self.max_text_chars:
             return f"text: longer than {self.max_text_chars} characters ({len(text.strip())})"
+        try:
+            prompt = build_prompt(text.strip()).encode("utf-8")
+        except UnicodeEncodeError:
+            return "text: not valid Unicode (it holds a lone surrogate code point); send UTF-8 text"
+        room = self.backend.llm.n_ctx() - ANSWER_TOKENS
+        tokens = len(self.backend.llm.tokenize(prompt, add_bos=True, special=False))
+        if tokens > room:
+            return f"text: {tokens} tokens with the instruction, over the {room} the context leaves (serve.n_ctx)"
         return None
 
     def __call__(self, text: str) -> tuple[int, dict]:

@@ -93,3 +93,12 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if "config error" in line]
     assert len(error_lines) == 1 and "generate.n_examples" in error_lines[0]
+
+
+@pytest.mark.parametrize("model", ["../tiny", "/abs/tiny", "..", "a/b", "x\\\\y"])
+def test_serve_model_is_a_folder_name_not_a_path(model):
+    from stages.serve import ServeConfig
+    with pytest.raises(ConfigError, match="serve.model"):
+        load_stage_config(ROOT / "configs" / "smoke.toml", "serve", ServeConfig, [f"serve.model='{model}'"])
+    _, cfg = load_stage_config(ROOT / "configs" / "smoke.toml", "serve", ServeConfig, ["serve.model='tiny'"])
+    assert cfg.model == "tiny"

@@ -290,7 +290,8 @@ def _stage_targets() -> dict[str, str]:
 def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
     module = {**_stage_targets(), "export": "lib.transfer", "import": "lib.transfer"}[target]
     archive = tmp_path / "run.tar.gz"
-    common = [target, "CONFIG=configs/smoke.toml", "SET=generate.seed=7 run.seed=3", "GPU=0", f"FILE={archive}"]
+    common = [target, "CONFIG=configs/smoke.toml", "SET=generate.seed=7 run.seed=3", "GPU=0", f"FILE={archive}",
+              "REALISTIC="]
     commands = {}
     for runner in ("local", "docker"):
         (line,) = [x for x in _make_dry_run(f"RUNNER={runner}", *common) if f" -m stages.{module} " in x + " "]
@@ -310,14 +311,25 @@ def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
 
 
 def test_make_picks_services_gpu_override_and_runner():
-    (line,) = [x for x in _make_dry_run("RUNNER=docker", "GPU=1", "SERVICE_evaluate=evaluate-gpu", "evaluate")
-               if "-m stages.evaluate" in x]
+    (line,) = [x for x in _make_dry_run("RUNNER=docker", "GPU=1", "SERVICE_evaluate=evaluate-gpu", "REALISTIC=",
+                                        "evaluate") if "-m stages.evaluate" in x]
     assert "-f images/compose.no-gpu.yaml" not in line and " evaluate-gpu python -m stages.evaluate " in line
     engine = subprocess.run(["docker", "info"], capture_output=True).returncode == 0 if shutil.which("docker") else False
     (line,) = [x for x in _make_dry_run("generate") if "-m stages.generate" in x]
     assert ("docker compose" in line) == engine   # default: docker only when an engine answers
     bad = _make("RUNNER=podman", "generate")
     assert bad.returncode != 0 and "RUNNER must be docker or local" in bad.stderr
+
+
+def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_realistic_set():
+    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "finetune") if " -m stages." in x]
+    forced = {x.split(" -m stages.", 1)[1].split()[0] for x in lines if " --force" in x}
+    assert forced == {"finetune"} and len(lines) == 3   # generate and base run unforced (skipped when up to date)
+    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "all") if " -m stages." in x]
+    assert lines and all(" --force" in x for x in lines)
+    assert not [x for x in _make_dry_run("RUNNER=local", "FORCE=0", "merge") if " --force" in x]
+    evaluate = [x for x in _make_dry_run("RUNNER=local", "evaluate") if " -m stages.evaluate" in x]
+    assert len(evaluate) == 2 and evaluate[1].endswith("--data datasets/realistic.jsonl")
 
 
 def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):

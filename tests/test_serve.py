@@ -88,6 +88,8 @@ def test_intent_answers_schema_checked_json(server):
     ({"text": ""}, "empty"),
     ({"text": "   \n "}, "empty"),
     ({"text": "x" * (MAX_CHARS + 1)}, "longer than"),
+    ({"text": "\U0001F600" * MAX_CHARS}, "tokens"),          # within the characters, over the context
+    ({"text": "add \ud800 2 soaps"}, "unicode"),             # a lone surrogate: valid JSON, not UTF-8
     ({"text": 42}, "text"),                        # not a string
     ({"text": ["add", "3"]}, "text"),
     ({"text": "add 3 soaps", "extra": 1}, "extra"),
@@ -155,6 +157,15 @@ def test_predict_one_text_and_stdin_lines(quantized):
     assert_intent(answers[0])
     assert_intent(answers[1])
     assert "longer than" in answers[2]["error"]
+
+    # lines that cannot be answered get an error object each; the lines after them are still answered
+    raw = b"\xff\xfe add 3\n" + ("\U0001F600" * MAX_CHARS).encode() + b"\nadd two lip balms\n"
+    proc = subprocess.run(command("predict", quantized.parent, "serve.threads=2"), input=raw, cwd=ROOT,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert "UTF-8" in answers[0]["error"] and "tokens" in answers[1]["error"]
+    assert_intent(answers[2])
 
 
 def test_missing_gguf_exits_3_naming_make_gguf(tmp_path):

@@ -29,9 +29,15 @@ def test_finetune_records_history_and_throughput(chain):
     record = manifest(chain, "finetune")["results"]["models"]["tiny"]
     assert (chain / "finetune" / "tiny" / "adapter" / "adapter_model.safetensors").exists()
     assert not (chain / "finetune" / "tiny" / "checkpoints").exists()
-    assert record["history"] and all("val_exact_match" in h and "eval_loss" in h for h in record["history"])
+    assert record["evaluations"] and all("val_exact_match" in h and "eval_loss" in h for h in record["evaluations"])
     assert record["train_tokens_per_s"] > 0 and record["peak_rss_mib"] > 0
     assert record["best_checkpoint"].startswith("checkpoint-")
+    assert record["shared_prefix_tokens"] > 5  # the smoke config trains through the shared-prefix path
+    assert record["plain_loop"]["tokens_per_s"] > 0 and record["vs_plain_loop"] > 0
+    history = json.loads((chain / "finetune" / "tiny" / "history.json").read_text())
+    every = manifest(chain, "finetune")["config"]["logging_steps"]
+    logged = [row["step"] for row in history["steps"] if "loss" in row]
+    assert logged == list(range(every, record["steps"] + 1, every))  # one row per logging step
 
 
 def test_merge_parity_and_model_folder(chain):

@@ -1,5 +1,6 @@
 """An OpenAI-compatible client for paid or remote models: bounded concurrency, retries with exponential
-backoff on 429/5xx/timeouts/refused connections, a request budget, and an append-only on-disk cache
+backoff on 429/5xx/timeouts (honouring Retry-After), refused connections retried only for a short grace
+period (a dead endpoint fails in seconds, not minutes), a request budget, and an append-only on-disk cache
 keyed by endpoint + model + request, so an interrupted or repeated run pays for nothing twice.
 
 The API key is read from the environment variable named in the config and handed to the `openai`
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPENAI_URL = "https://api.openai.com/v1"
+CONNECT_GRACE_S = 10.0    # refused connections are retried this long in all (a server still starting), then given up
+MAX_RETRY_AFTER_S = 120.0  # a longer Retry-After is not waited for
 
 
 class ApiUnavailable(Exception):
@@ -57,6 +60,15 @@ class ResponseCache:
             self.records[record["key"]] = record
 
 
+def retry_after_s(err) -> float | None:
+    """The server's Retry-After (seconds form) on a 429/503, if it sent one."""
+    response = getattr(err, "response", None)
+    try:
+        return max(float(response.headers.get("retry-after")), 0.0) if response is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 class OpenAICompatible:
     def __init__(self, model: str, base_url: str, key_env: str, cache: ResponseCache, mode: str = "chat",
                  concurrency: int = 4, max_retries: int = 6, timeout_s: float = 60, max_requests: int = 5000,
@@ -84,6 +96,7 @@ class OpenAICompatible:
 
     def _call(self, payload: dict):
         import openai
+        waited = 0.0
         retryable = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                      openai.APIConnectionError)
         for attempt in range(self.max_retries + 1):
@@ -97,9 +110,14 @@ class OpenAICompatible:
                     return self.client.chat.completions.create(**payload)
                 return self.client.completions.create(**payload)
             except retryable as err:
-                if attempt == self.max_retries:
-                    raise ApiUnavailable(f"{self.base_url} failed {attempt + 1} times: {type(err).__name__}") from None
                 delay = self.backoff_s * 2**attempt * (1 + random.random() / 4)
+                refused = isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
+                waited += delay
+                hint = retry_after_s(err)
+                if attempt == self.max_retries or (refused and waited > CONNECT_GRACE_S) or \
+                        (hint is not None and hint > MAX_RETRY_AFTER_S):
+                    raise ApiUnavailable(f"{self.base_url} failed {attempt + 1} times: {type(err).__name__}") from None
+                delay = hint if hint is not None else delay
                 with self.lock:
                     self.stats["retries"] += 1
                 self.log(f"{self.model}: {type(err).__name__}, retry {attempt + 1}/{self.max_retries} in {delay:.1f} s")

@@ -8,11 +8,14 @@ fingerprint (config + code + inputs) matches the existing manifest is skipped.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+RESUME_STAMP = ".fingerprint.json"  # in a temporary folder: what the attempt that wrote it ran with
 LIB_DIR = Path(__file__).resolve().parent
 
 
@@ -39,10 +43,33 @@ def sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def lib_dependencies(source: Path) -> list[Path]:
+    """The stages/lib modules a file imports, transitively, and the data files (*.json) they name."""
+    found: dict[Path, None] = {}
+    pending = [source]
+    while pending:
+        tree = ast.parse(pending.pop().read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module in ("stages.lib", None)):
+                names = [alias.name for alias in node.names] + ([node.module] if node.module else [])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages.lib."):
+                names = [node.module.removeprefix("stages.lib.")]
+            for name in names:
+                module = LIB_DIR / f"{name}.py"
+                if module.is_file() and module not in found:
+                    found[module] = None
+                    pending.append(module)
+    data = {LIB_DIR / f"{ref}.json" for m in [source, *found] for ref in
+            re.findall(r"[\"(]([a-z_]+)\.json", m.read_text(encoding="utf-8"))}
+    return sorted(found) + sorted(p for p in data if p.is_file())
+
+
 def code_hash(stage_file: str | Path) -> str:
-    """Hash of the stage script and the shared library: changing code reruns the stage."""
-    files = [Path(stage_file).resolve(), *sorted(LIB_DIR.glob("*.py")), *sorted(LIB_DIR.glob("*.json"))]
-    return sha256_json({p.name: sha256_file(p) for p in files})
+    """Hash of the stage script and the library modules (and data files) it uses: changing the code a stage
+    runs reruns it; editing a module it never imports does not."""
+    stage = Path(stage_file).resolve()
+    return sha256_json({p.name: sha256_file(p) for p in [stage, *lib_dependencies(stage)]})
 
 
 def package_versions(names: list[str]) -> dict[str, str]:
@@ -82,19 +109,36 @@ def runner_facts() -> dict:
     return facts
 
 
-def read_manifest(folder: Path) -> dict | None:
+def _read_json_or_none(path: Path):
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
+def read_manifest(folder: Path) -> dict | None:
+    manifest = _read_json_or_none(folder / MANIFEST)
+    return manifest if isinstance(manifest, dict) else None
+
+
 def require_stage(run_dir: Path, stage: str, make_target: str) -> dict:
-    """The manifest of a finished upstream stage, or MissingArtifact naming the make target."""
-    manifest = read_manifest(run_dir / stage)
-    if manifest is None:
-        raise MissingArtifact(f"{run_dir / stage} is missing or incomplete: run `make {make_target}` first "
+    """The manifest of a finished upstream stage whose files are still what it lists, or MissingArtifact naming
+    the make target. Every file's size is checked; its SHA-256 too unless the file is no newer than the manifest
+    (the fast path: a truncated file changes size, an edited one its time)."""
+    folder = run_dir / stage
+    manifest = read_manifest(folder)
+    if manifest is None or not isinstance(manifest.get("outputs"), dict):
+        raise MissingArtifact(f"{folder} is missing or incomplete: run `make {make_target}` first "
                               f"(with the same CONFIG)")
+    written = (folder / MANIFEST).stat().st_mtime
+    for name, entry in manifest["outputs"].items():
+        path = folder / name
+        stat = path.stat() if path.is_file() else None
+        intact = stat is not None and isinstance(entry, dict) and stat.st_size == entry.get("bytes") and (
+            stat.st_mtime <= written or sha256_file(path) == entry.get("sha256"))
+        if not intact:
+            raise MissingArtifact(f"{path} is missing or differs from {folder / MANIFEST}: rebuild it with "
+                                  f"`make {make_target} FORCE=1` (same CONFIG)")
     return manifest
 
 
@@ -131,15 +175,24 @@ class StageRun:
         old = read_manifest(self.out_dir)
         return old is not None and {k: old.get(k) for k in self.fingerprint} == self.fingerprint
 
-    def fresh_tmp(self, keep: bool = False) -> Path:
-        """The temporary folder; `keep` leaves a previous attempt's files (for resuming)."""
-        if self.tmp_dir.exists() and not keep:
-            shutil.rmtree(self.tmp_dir)
+    def fresh_tmp(self, resumable: bool = False) -> Path:
+        """The temporary folder. `resumable` keeps a previous attempt's files only when that attempt had the
+        same fingerprint (config, code, inputs); any other leftover is deleted, and the user told why."""
+        stamp = self.tmp_dir / RESUME_STAMP
+        if self.tmp_dir.exists():
+            same = resumable and stamp.is_file() and _read_json_or_none(stamp) == self.fingerprint
+            if resumable and not same:
+                print(f"{self.stage}: an interrupted attempt with other config, code or inputs is in "
+                      f"{self.tmp_dir}; starting fresh", file=sys.stderr)
+            if not same:
+                shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(self.fingerprint, sort_keys=True))
         return self.tmp_dir
 
     def publish(self) -> dict:
         """Rename the temporary folder into place, then write the manifest last."""
+        (self.tmp_dir / RESUME_STAMP).unlink(missing_ok=True)
         outputs = {str(p.relative_to(self.tmp_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in sorted(self.tmp_dir.rglob("*")) if p.is_file()}
         if self.out_dir.exists():

@@ -10,6 +10,7 @@ from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .artifacts import MissingArtifact
 from .config import ConfigError, as_dict, load_stage_config
@@ -21,8 +22,8 @@ EXIT_OK, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.environ.get("CONFIG", "configs/tiny.toml"),
-                   help="run config (TOML); default configs/tiny.toml")
+    p.add_argument("--config", default=os.environ.get("CONFIG", "configs/smollm2.toml"),
+                   help="run config (TOML); default configs/smollm2.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set generate.n_examples=600 (repeatable)")
     p.add_argument("--force", action="store_true", default=os.environ.get("FORCE", "") not in ("", "0"),
@@ -33,14 +34,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def show_config(title: str, values: dict) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in values.items():
-        table.add_row(key, str(value))
+        table.add_row(Text(str(key)), Text(str(value)))  # user text, never console markup
     console.print(table)
 
 
 def already_done(stage, args) -> bool:
     """True (and says so) when the stage's config, code and inputs match its manifest and no rerun is forced."""
     if stage.up_to_date() and not args.force:
-        console.print(f"[green]{stage.stage} is up to date[/green] ({stage.out_dir}); FORCE=1 reruns")
+        console.print(Text.assemble((f"{stage.stage} is up to date", "green"), f" ({stage.out_dir}); FORCE=1 reruns"))
         return True
     return False
 
@@ -57,10 +58,10 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
         show_config(f"{section} · run {run.name}", as_dict(cfg))
         return body(run, cfg, args) or EXIT_OK
     except ConfigError as err:
-        console.print(f"[red]config error[/red] {err}")
+        console.print(Text.assemble(("config error ", "red"), str(err)))
         return EXIT_CONFIG
     except MissingArtifact as err:
-        console.print(f"[red]missing input[/red] {err}")
+        console.print(Text.assemble(("missing input ", "red"), str(err)))
         return EXIT_UPSTREAM
     except KeyboardInterrupt:
         console.print(f"[yellow]{section} interrupted[/yellow]; rerun to start again (nothing was published)")
@@ -75,5 +76,5 @@ def show_results(title: str, rows: dict[str, dict], columns: list[str]) -> None:
         table.add_column(column, justify="right")
     for name, row in rows.items():
         cells = [str(row.get(c, "")) for c in columns] if "skipped" not in row else [f"skipped: {row['skipped']}"]
-        table.add_row(name, *cells)
+        table.add_row(*(Text(cell) for cell in (str(name), *cells)))
     console.print(table)

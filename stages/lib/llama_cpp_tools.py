@@ -53,6 +53,21 @@ def weights_read_per_token(gguf_file: Path) -> dict:
     return {"bytes_per_token": read, "tensor_bytes": sum(tensors.values()), "tied_embeddings": not separate_output}
 
 
+def tensor_types(gguf_file: Path) -> dict[str, dict]:
+    """Storage type -> tensors, parameters and bytes in one GGUF file: which tensors a k-quant left in another
+    type (llama.cpp falls back when a row length is not a multiple of the type's block, e.g. 576 for 256)."""
+    script, _ = converter()
+    sys.path.insert(0, str(script.parent / "gguf-py"))
+    from gguf import GGUFReader
+    mix: dict[str, dict] = {}
+    for tensor in GGUFReader(str(gguf_file)).tensors:
+        entry = mix.setdefault(tensor.tensor_type.name, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += int(tensor.n_elements)
+        entry["bytes"] += int(tensor.n_bytes)
+    return dict(sorted(mix.items(), key=lambda kv: -kv[1]["parameters"]))
+
+
 def _sdist_url(version: str) -> tuple[str, str]:
     """The sdist's URL and sha256 from PyPI's simple index (JSON form, PEP 691)."""
     request = urllib.request.Request(f"https://pypi.org/simple/{PACKAGE}/",

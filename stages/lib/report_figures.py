@@ -220,3 +220,17 @@ def bandwidth(rows: list[dict], path: Path) -> Path:
                  "Distance to the memory-bandwidth limit (batch 1)")
     ax.axhline(100, color="black", lw=0.8, ls="--")
     return _save(fig, path)
+
+
+def training_curve(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Validation exact match (left) and loss (right) against minutes of fine-tuning, one line per model."""
+    plt = _plt()
+    fig, (em_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for model, rows in curves.items():
+        minutes = [r["elapsed_s"] / 60 for r in rows]
+        em_ax.plot(minutes, [r["val_exact_match"] for r in rows], marker="o", label=model)
+        loss_ax.plot(minutes, [r["eval_loss"] for r in rows], marker="o", label=model)
+    em_ax.set(xlabel="minutes of training", ylabel="validation exact match", ylim=(0, 1.02))
+    loss_ax.set(xlabel="minutes of training", ylabel="validation loss (completion tokens)")
+    em_ax.legend(frameon=False)
+    return _save(fig, path)

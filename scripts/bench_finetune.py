@@ -1,0 +1,99 @@
+"""What each fine-tuning choice costs per step on this machine: a plain PyTorch LoRA loop against the
+project's loss path, one choice added at a time, on the same model and the same training examples.
+
+Each variant loads the base afresh, takes one untimed step, then times `--steps` steps (forward, backward,
+clip, AdamW) and reports s/step and training tokens/s (prompt + completion tokens, padding excluded).
+Run it on an idle machine; the ratios between rows are the result (one run, same load), not the absolute rates.
+
+    python scripts/bench_finetune.py --run artifacts/smollm2 --steps 8          # ~4 minutes on 2 cores
+    python scripts/bench_finetune.py --run artifacts/smoke --steps 4 --out bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.finetune import (Collate, FinetuneConfig, common_prefix_len, completion_loss,  # noqa: E402
+                             encode, load_base)
+from stages.lib import artifacts  # noqa: E402
+from stages.lib.models import base_models, weights_dir  # noqa: E402
+
+# (label, config changes, loss path, shared prefix, batches grouped by length)
+VARIANTS = [
+    ("plain loop, LoRA dropout 0.15 (paper)", {"lora_dropout": 0.15}, "plain", False, False),
+    ("plain loop, dropout 0", {}, "plain", False, False),
+    ("completion-only logits", {}, "project", False, False),
+    ("+ shared instruction prefix", {}, "project", True, False),
+    ("+ batches grouped by length", {}, "project", True, True),
+    ("+ 4-bit NF4 base (bitsandbytes)", {"load_in_4bit": True}, "project", True, True),
+]
+
+
+def batches(rows: list[dict], size: int, steps: int, grouped: bool) -> list[list[dict]]:
+    sample = rows[: size * (steps + 1)]
+    if grouped:  # the sampler sorts within mega-batches; here within the timed sample
+        sample = sorted(sample, key=lambda r: len(r["input_ids"]))
+    return [sample[i * size:(i + 1) * size] for i in range(steps + 1)]
+
+
+def time_variant(path: Path, cfg: FinetuneConfig, rows: list[dict], pad_id: int, path_kind: str, shared: bool,
+                 grouped: bool, steps: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    model = load_base(path, cfg, torch.float32, False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    collate = Collate(pad_id, common_prefix_len(rows) if shared else 0)
+    tokens, seconds = 0, 0.0
+    for step, chunk in enumerate(batches(rows, cfg.batch_size, steps, grouped)):
+        batch = collate(chunk)
+        began = time.perf_counter()
+        loss = model(**batch).loss if path_kind == "plain" else completion_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:  # the first step allocates and warms up
+            tokens += sum(len(r["input_ids"]) for r in chunk)
+            seconds += time.perf_counter() - began
+    return {"s_per_step": round(seconds / steps, 3), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> int:
+    from transformers import AutoTokenizer
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="artifacts/smollm2", help="a run folder after `make base`")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--out", help="also write the rows here as JSON")
+    args = parser.parse_args()
+    run_dir = Path(args.run)
+    record = next(r for r in base_models(run_dir).values() if r["kind"] != "shape")
+    path = weights_dir(record)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = encode(tokenizer, artifacts.read_jsonl(run_dir / "data" / "train.jsonl"), 512)
+    base_cfg = FinetuneConfig(load_in_4bit=False, gradient_checkpointing=False, lora_dropout=0.0, batch_size=8,
+                              learning_rate=1e-3)
+    results = []
+    for label, changes, path_kind, shared, grouped in VARIANTS:
+        row = {"variant": label, **time_variant(path, replace(base_cfg, **changes), rows, pad_id, path_kind, shared,
+                                                 grouped, args.steps)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    for row in results:  # the yardstick: the textbook loop with the same LoRA settings as the default run
+        row["vs_plain_dropout_0"] = round(row["tokens_per_s"] / results[1]["tokens_per_s"], 2)
+    summary = {"model": record["spec"], "batch_size": 8, "steps": args.steps, "rows": results,
+               "host": artifacts.host_facts()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

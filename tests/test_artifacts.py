@@ -1,0 +1,97 @@
+"""The shared stage mechanisms: upstream files checked against their manifest, resumes only of identical
+attempts, code hashes over the modules a stage imports, `clean` confined to one run, user text printed literally."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.lib import artifacts
+from stages.lib.artifacts import MissingArtifact, StageRun, lib_dependencies, require_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def published(run_dir, files: dict[str, bytes]):
+    stage = StageRun("generate", "data", run_dir, {"n": 1}, {}, "code", [])
+    out = stage.fresh_tmp()
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    stage.publish()
+    return run_dir / "data"
+
+
+def test_intact_upstream_passes_and_truncated_or_edited_files_name_the_target(tmp_path):
+    folder = published(tmp_path, {"train.jsonl": b'{"a": 1}\n{"b": 2}\n', "test.jsonl": b"{}\n"})
+    assert require_stage(tmp_path, "data", "generate")["stage"] == "generate"
+    with open(folder / "train.jsonl", "r+b") as fh:  # truncated mid-line
+        fh.truncate(12)
+    with pytest.raises(MissingArtifact, match=r"train.jsonl .*make generate FORCE=1"):
+        require_stage(tmp_path, "data", "generate")
+    folder = published(tmp_path, {"train.jsonl": b'{"a": 1}\n'})
+    (folder / "train.jsonl").write_bytes(b'{"a": 2}\n')  # same size, new content, newer than the manifest
+    later = time.time() + 5
+    os.utime(folder / "train.jsonl", (later, later))
+    with pytest.raises(MissingArtifact, match="differs from"):
+        require_stage(tmp_path, "data", "generate")
+    (folder / "train.jsonl").unlink()
+    with pytest.raises(MissingArtifact, match="missing"):
+        require_stage(tmp_path, "data", "generate")
+
+
+@pytest.mark.parametrize("content", ['{"stage": "base"}', "[]", '{"outputs": [1]}', "{not json"])
+def test_malformed_manifest_is_a_missing_artifact(tmp_path, content):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "manifest.json").write_text(content)
+    with pytest.raises(MissingArtifact, match="make base"):
+        require_stage(tmp_path, "base", "base")
+
+
+def test_resume_keeps_only_an_identical_attempt(tmp_path, capsys):
+    def attempt(config):
+        return StageRun("finetune", "finetune", tmp_path, config, {"data": "x"}, "code", [])
+    first = attempt({"learning_rate": 1e-3}).fresh_tmp(resumable=True)
+    (first / "checkpoint-5").mkdir()
+    assert (attempt({"learning_rate": 1e-3}).fresh_tmp(resumable=True) / "checkpoint-5").is_dir()
+    assert not (attempt({"learning_rate": 1e-5}).fresh_tmp(resumable=True) / "checkpoint-5").exists()
+    assert "starting fresh" in capsys.readouterr().err
+    again = attempt({"learning_rate": 1e-5}).fresh_tmp(resumable=True)
+    (again / "checkpoint-9").mkdir()
+    assert not (attempt({"learning_rate": 1e-5}).fresh_tmp(resumable=False) / "checkpoint-9").exists()  # --force
+
+
+def test_code_hash_covers_the_modules_a_stage_imports_only():
+    names = {p.name for p in lib_dependencies(ROOT / "stages" / "finetune.py")}
+    assert {"artifacts.py", "cli.py", "config.py", "generation.py", "task.py"} <= names
+    assert not names & {"report_figures.py", "tiny.py", "noise.py", "backends.py", "catalog.json"}
+    generate = {p.name for p in lib_dependencies(ROOT / "stages" / "generate.py")}
+    assert {"catalog.json", "templates.json", "noise.py"} <= generate
+    assert "report_figures.py" in {p.name for p in lib_dependencies(ROOT / "stages" / "report.py")}
+
+
+def run_module(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          **kwargs)
+
+
+@pytest.mark.parametrize("override, shown", [("generate.n_examples=[/x]", "[/x]"), ("fienetune.x=1", "[fienetune]")])
+def test_user_text_in_errors_is_printed_literally(override, shown):
+    proc = run_module("stages.generate", "--config", "configs/smoke.toml", "--set", override)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and shown in proc.stderr
+
+
+def test_clean_deletes_one_run_inside_artifacts_and_honours_set(tmp_path):
+    for run in ("smoke", "exp2"):
+        (tmp_path / run / "data").mkdir(parents=True)
+    base = ["stages.clean", "--config", "configs/smoke.toml", "--set", f"run.artifacts_dir='{tmp_path}'"]
+    dry = run_module(*base, "--set", "run.name='exp2'", "--dry-run")
+    assert dry.returncode == 0 and "would delete" in dry.stderr and (tmp_path / "exp2").is_dir()
+    assert run_module(*base, "--set", "run.name='exp2'").returncode == 0
+    assert not (tmp_path / "exp2").exists() and (tmp_path / "smoke" / "data").is_dir()
+    for bad in ("'..'", "''", "'a/b'"):
+        proc = run_module(*base, "--set", f"run.name={bad}")
+        assert proc.returncode == 2 and "run.name" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "smoke" / "data").is_dir() and tmp_path.is_dir()
