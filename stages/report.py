@@ -246,7 +246,7 @@ def other_sets_blocks(data: dict) -> list[tuple]:
         for r in d["rows"]:
             if "skipped" in r or r["decoding"] != "free":
                 continue
-            rows.append([name, str(d["examples"]), variant_label(r["variant"].split("/", 1)[1]), fmt(r["exact_match"]),
+            rows.append([name, fmt(d.get("examples")), variant_label(r["variant"].split("/", 1)[1]), fmt(r["exact_match"]),
                          fmt(r["exact_match_ci95"]), *(fmt(r["by_language"].get(lang, {}).get("exact_match"))
                                                         for lang in langs)])
     return [("h2", "Synthetic test split vs other labelled sets (free decoding)"),
@@ -273,7 +273,9 @@ def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
     if curves:
         blocks.append(("figure", figures.training_curve(curves, fig_dir / "training_curve.png"),
                        "Validation exact match and loss against minutes of training"))
-    deviations = [[key, fmt(paper), fmt(config.get(key))] for key, paper in PAPER_RECIPE.items()
+    def plain(value) -> str:  # a config value as written (2e-4 stays 0.0002, not 0.000)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    deviations = [[key, plain(paper), plain(config.get(key))] for key, paper in PAPER_RECIPE.items()
                   if key in config and config[key] != paper]
     if deviations:
         blocks += [("p", "Deviations from the paper's fine-tuning recipe (section 3.4.1); the reason for each is "

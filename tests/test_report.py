@@ -55,6 +55,17 @@ def build_run(root):
          "json_valid": 0.2},
         {"model": "gpt-4.1", "kind": "api", "shots": 3, "skipped": "OPENAI_API_KEY is not set"}]})
     manifest(run / "baseline", "baseline")
+    write(run / "eval-realistic" / "results.json", {"examples": 180, "rows": [eval_row("fp16", "free", 0.88)]})
+    manifest(run / "eval-realistic", "evaluate")
+    write(run / "finetune" / "manifest.json", {
+        "stage": "finetune", "outputs": {}, "config": {"lora_dropout": 0.0, "lora_r": 16, "max_steps": 900,
+                                                       "learning_rate": 1e-3, "load_in_4bit": False},
+        "results": {"models": {"tiny": {"steps": 900, "wall_s": 1800.0, "train_tokens_per_s": 364.0,
+                                        "plain_loop": {"steps": 6, "tokens_per_s": 166.0}, "vs_plain_loop": 2.19,
+                                        "best_eval_loss": 0.01234, "evaluations": [
+                                            {"step": 450, "elapsed_s": 900.0, "val_exact_match": 0.8, "eval_loss": 0.05},
+                                            {"step": 900, "elapsed_s": 1800.0, "val_exact_match": 0.95,
+                                             "eval_loss": 0.01234}]}}}})
     for host, scale in (("epyc-2c-aaaaaa", 1.0), ("xeon-8c-bbbbbb", 3.0)):
         folder = run / "profiles" / host / "cpu"
         write(folder / "results.json", {"host": host, "bandwidth": {"read_gb_s": 20.0}, "rows": cpu_rows(scale)})
@@ -82,7 +93,7 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     tables = json.loads((out / "tables.json").read_text())
     assert set(tables["figures"]) == {"fig2_accuracy.png", "accuracy_breakdown.png", "fig3_vram.png",
                                       "fig4_gpu_speed_energy.png", "fig5_cpu_speed_ram.png", "fig6_load_times.png",
-                                      "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png"}
+                                      "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png", "training_curve.png"}
     for name in tables["figures"]:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
@@ -115,6 +126,16 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     table2 = report.split("## Table 2")[1].split("##")[0]
     assert re.search(r"\| GGUF Q5_K_M \| 0\.930 \| \[0\.910, 0\.950\] \| 1\.000 \|", table2)
     assert "| xeon-8c-bbbbbb | GGUF Q4_K_M | 0.925 | 2.5 | 0.06 | 4,500 | 2,250 |" in report
+
+    sets = report.split("## Synthetic test split vs other labelled sets")[1].split("##")[0]
+    assert "| synthetic test | – | FP16 | 0.910 |" in sets and "| realistic | 180 | FP16 | 0.880 |" in sets
+    assert "| 0.880 | 0.780 |" in sets   # per language: en, hr
+    training = report.split("## Fine-tuning")[1].split("##")[0]
+    assert "| tiny | 900 | 30.0 | 364.0 | 166.0 | 2.19 | 0.0123 | 450: 0.800, 900: 0.950 |" in training
+    for key, paper, run_value in (("lora_dropout", "0.15", "0"), ("max_steps", "0", "900"),
+                                  ("learning_rate", "0.0002", "0.001"), ("load_in_4bit", "True", "False")):
+        assert f"| {key} | {paper} | {run_value} |" in training
+    assert "| lora_r |" not in training   # the paper's value: not a deviation
 
 
 def test_report_without_eval_names_make_target(tmp_path):
