@@ -53,9 +53,13 @@ help:
 	@awk 'BEGIN {FS = ":.*"} /^## / {desc = substr($$0, 4); next} /^[a-zA-Z_-]+:/ && desc {printf "  \033[36m%-12s\033[0m %s\n", $$1, desc; desc = ""}' $(MAKEFILE_LIST)
 	@echo "  Variables: CONFIG=$(CONFIG)  SET=\"section.key=value ...\"  FORCE=1  RUNNER=$(RUNNER) (docker|local)  REGISTRY=$(REGISTRY)"
 
+# llama.cpp (inside llama-cpp-python) built for any x86-64-v3 CPU (AVX2, FMA, F16C), not -march=native: a
+# virtualised Xeon that reports AMX without running it dies in ggml's AMX kernels ("Illegal instruction").
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+
 $(STAMP): requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
 	$(PY) -m stages.lib.llama_cpp_tools install
 	touch $@
 
