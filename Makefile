@@ -18,7 +18,7 @@ REGISTRY ?= localhost
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 FILE ?=
 STAGES ?=
-# a hand-written labelled set scored beside the test split by `make evaluate` (empty: skip)
+# a hand-written labelled set scored beside the test split by `make evaluate`, free decoding (empty: skip)
 REALISTIC ?= datasets/realistic.jsonl
 
 PY := $(VENV)/bin/python
@@ -100,7 +100,7 @@ baseline: base
 ## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/ (+ eval-realistic/)
 evaluate: gptq gguf
 	$(call STAGE,evaluate)
-	$(if $(REALISTIC),$(call STAGE,evaluate) --data $(REALISTIC))
+	$(if $(REALISTIC),$(call STAGE,evaluate) --data $(REALISTIC) --set 'evaluate.decoding=["free"]')
 
 ## CPU cost of each GGUF variant (fresh process each; naive vs prefix-cached) -> artifacts/<run>/profiles/<host>/cpu/
 profile-cpu: gguf

@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import resource
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -89,13 +88,6 @@ class FinetuneConfig:
         require(not (self.shared_prefix and self.gradient_checkpointing), "shared_prefix",
                 "false when gradient_checkpointing is true (checkpointed layers keep no key/value cache)")
         require(0 < self.progress_every_s < 1e6, "progress_every_s", "seconds > 0")
-
-
-def sigterm_as_interrupt() -> None:
-    """A killed container sends SIGTERM: stop like Ctrl-C so the rerun resumes cleanly."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -234,7 +226,7 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
     `meter` holds the tokens and seconds of the timed steps (all but this process's first)."""
     from transformers import TrainerCallback
     from stages.lib.generation import exact_match_rate
-    record.update(evaluations=[], steps=[])
+    record.update(evaluations=[], step_log=[])
 
     class Recorder(TrainerCallback):
         started = last_line = began = 0.0
@@ -256,7 +248,7 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
                 self.last_line = time.time()
                 elapsed = self.last_line - self.started
                 done = state.global_step / max(state.max_steps, 1)
-                loss = next((r["loss"] for r in reversed(record["steps"]) if "loss" in r), "–")
+                loss = next((r["loss"] for r in reversed(record["step_log"]) if "loss" in r), "–")
                 cli.console.print(f"  step {state.global_step}/{state.max_steps} · loss {loss} · "
                                   f"{elapsed / max(state.global_step, 1):.2f} s/step · "
                                   f"{elapsed / 60:.1f} min, ETA {elapsed / max(done, 1e-9) * (1 - done) / 60:.1f} min")
@@ -264,7 +256,8 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
         def on_log(self, args, state, control, logs=None, **kwargs):
             row = {k: round(v, 6) for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm")}
             if row:
-                record["steps"].append({"step": state.global_step, **row, "elapsed_s": round(time.time() - self.started, 1)})
+                record["step_log"].append({"step": state.global_step, **row,
+                                           "elapsed_s": round(time.time() - self.started, 1)})
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             rate, _ = exact_match_rate(kwargs["model"], tokenizer, probe)
@@ -293,8 +286,8 @@ def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: 
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=2,
         seed=seed, data_seed=seed, logging_steps=cfg.logging_steps, report_to=[], use_cpu=not cuda,
         dataloader_num_workers=0, gradient_checkpointing=cfg.gradient_checkpointing, disable_tqdm=True,
-        **({"train_sampling_strategy": "group_by_length"} if cfg.group_by_length else {}), remove_unused_columns=False, label_names=["labels"],
-        prediction_loss_only=True)
+        **({"train_sampling_strategy": "group_by_length"} if cfg.group_by_length else {}),
+        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
 
 
 def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict], seed: int,
@@ -361,7 +354,6 @@ def run(run_cfg, cfg: FinetuneConfig, args) -> int:
                                artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    sigterm_as_interrupt()
     train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
     val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
     out = stage.fresh_tmp(resumable=not args.force)  # checkpoints of an identical interrupted attempt are resumed
@@ -378,9 +370,9 @@ def run(run_cfg, cfg: FinetuneConfig, args) -> int:
         folder.mkdir(exist_ok=True)
         results[slug] = finetune_one(record, cfg, train, val, run_cfg.seed, folder)
         artifacts.write_json(folder / "history.json", results[slug])
-    stage.results["models"] = {slug: {k: v for k, v in r.items() if k != "steps"} for slug, r in results.items()}
+    stage.results["models"] = {slug: {k: v for k, v in r.items() if k != "step_log"} for slug, r in results.items()}
     stage.publish()
-    cli.show_config("fine-tuning", {slug: {k: v for k, v in r.items() if k not in ("steps", "evaluations")}
+    cli.show_config("fine-tuning", {slug: {k: v for k, v in r.items() if k not in ("step_log", "evaluations")}
                                     for slug, r in results.items()})
     return 0
 

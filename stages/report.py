@@ -264,7 +264,7 @@ def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
     blocks = [("h2", "Fine-tuning"),
               ("table", ["model", "steps", "minutes", "train tok/s", "plain PyTorch loop tok/s", "vs plain loop",
                          "best eval loss", "val exact match per evaluation (step: EM)"],
-               [[slug, str(r["steps"]), fmt(r["wall_s"] / 60, 1), fmt(r["train_tokens_per_s"], 1),
+               [[slug, fmt(r.get("steps")), fmt(r["wall_s"] / 60, 1), fmt(r["train_tokens_per_s"], 1),
                  fmt(r.get("plain_loop", {}).get("tokens_per_s"), 1), fmt(r.get("vs_plain_loop"), 2),
                  fmt(r.get("best_eval_loss"), 4),
                  ", ".join(f"{e['step']}: {e['val_exact_match']:.3f}" for e in r.get("evaluations", []))]

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from stages.lib import cli
-from stages.lib.artifacts import MissingArtifact
+from stages.lib.artifacts import MissingArtifact, StageBusy
 from stages.lib.backends import GGUFBackend
 from stages.lib.config import require
 from stages.lib.task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
@@ -152,8 +152,21 @@ def create_app(path: Path, cfg: ServeConfig):
     return app
 
 
+def claim_port(host: str, port: int) -> None:
+    """StageBusy (exit 4) with one line when something already listens there, before the model loads."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: only a listener blocks
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise StageBusy(f"{host}:{port} is not free ({err.strerror}): stop what holds it, or pick another "
+                            f"port with --set serve.port=N") from None
+
+
 def serve(run, cfg: ServeConfig, args) -> int:
     import uvicorn
+    claim_port(cfg.host, cfg.port)
     path = gguf_path(run, cfg)
     app = create_app(path, cfg)
     cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} (/v1/intent, /v1/chat/completions, "

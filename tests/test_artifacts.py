@@ -95,3 +95,38 @@ def test_clean_deletes_one_run_inside_artifacts_and_honours_set(tmp_path):
         proc = run_module(*base, "--set", f"run.name={bad}")
         assert proc.returncode == 2 and "run.name" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "smoke" / "data").is_dir() and tmp_path.is_dir()
+
+
+@pytest.mark.parametrize("override, needle", [("finetune.epochs=inf", "finite"), ("finetune.learning_rate=nan", "finite")])
+def test_non_finite_numbers_are_config_errors(override, needle):
+    proc = run_module("stages.finetune", "--config", "configs/smoke.toml", "--set", override)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_scalar_where_a_table_belongs_is_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("run = 5\n")
+    proc = run_module("stages.generate", "--config", str(config), "--set", "run.name=x")
+    assert proc.returncode == 2 and "run: expected a table" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serving_on_a_busy_port_is_its_own_one_line_exit(tmp_path):
+    import socket
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_module("stages.serve", "--config", "configs/smoke.toml", "--set", f"serve.port={port}",
+                          "--set", f"run.artifacts_dir='{tmp_path}'")
+    assert proc.returncode == 4 and f"127.0.0.1:{port} is not free" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_of_the_same_stage_waits_for_none_and_names_the_holder(tmp_path):
+    first = StageRun("gguf", "gguf", tmp_path, {}, {}, "code", [])
+    first.fresh_tmp()
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from stages.lib.artifacts import StageRun, StageBusy\n"
+        f"try:\n    StageRun('gguf', 'gguf', Path({str(tmp_path)!r}), {{}}, {{}}, 'code', []).fresh_tmp()\n"
+        "except StageBusy as err:\n    print(err); sys.exit(4)")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 4 and f"pid {os.getpid()}" in probe.stdout
+    assert first.tmp_dir.is_dir()   # the holder's temporary folder is untouched

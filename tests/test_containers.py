@@ -322,14 +322,14 @@ def test_make_picks_services_gpu_override_and_runner():
 
 
 def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_realistic_set():
-    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "finetune") if " -m stages." in x]
+    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "finetune") if " --config " in x]
     forced = {x.split(" -m stages.", 1)[1].split()[0] for x in lines if " --force" in x}
     assert forced == {"finetune"} and len(lines) == 3   # generate and base run unforced (skipped when up to date)
-    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "all") if " -m stages." in x]
+    lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "all") if " --config " in x]
     assert lines and all(" --force" in x for x in lines)
     assert not [x for x in _make_dry_run("RUNNER=local", "FORCE=0", "merge") if " --force" in x]
     evaluate = [x for x in _make_dry_run("RUNNER=local", "evaluate") if " -m stages.evaluate" in x]
-    assert len(evaluate) == 2 and evaluate[1].endswith("--data datasets/realistic.jsonl")
+    assert len(evaluate) == 2 and evaluate[1].endswith("--data datasets/realistic.jsonl --set 'evaluate.decoding=[\"free\"]'")
 
 
 def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):

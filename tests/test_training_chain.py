@@ -36,7 +36,7 @@ def test_finetune_records_history_and_throughput(chain):
     assert record["plain_loop"]["tokens_per_s"] > 0 and record["vs_plain_loop"] > 0
     history = json.loads((chain / "finetune" / "tiny" / "history.json").read_text())
     every = manifest(chain, "finetune")["config"]["logging_steps"]
-    logged = [row["step"] for row in history["steps"] if "loss" in row]
+    logged = [row["step"] for row in history["step_log"] if "loss" in row]
     assert logged == list(range(every, record["steps"] + 1, every))  # one row per logging step
 
 

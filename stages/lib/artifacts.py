@@ -31,6 +31,10 @@ class MissingArtifact(Exception):
     """An upstream artifact is absent or incomplete (exit code 3)."""
 
 
+class StageBusy(Exception):
+    """Another process is writing the same stage of the same run (exit code 4)."""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -175,9 +179,31 @@ class StageRun:
         old = read_manifest(self.out_dir)
         return old is not None and {k: old.get(k) for k in self.fingerprint} == self.fingerprint
 
+    def lock(self) -> None:
+        """Hold `.<folder>.lock` beside the output until this process ends: a second run of the same stage and
+        run stops with one line naming the holder instead of deleting the first one's temporary folder."""
+        import fcntl
+        path = self.out_dir.parent / f".{self.out_dir.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StageBusy(f"{self.out_dir} is being written by {holder}; wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({self.stage}, since {time.strftime('%H:%M:%S')})")
+        handle.flush()
+        self._lock_handle = handle  # released when the process exits
+
     def fresh_tmp(self, resumable: bool = False) -> Path:
-        """The temporary folder. `resumable` keeps a previous attempt's files only when that attempt had the
-        same fingerprint (config, code, inputs); any other leftover is deleted, and the user told why."""
+        """The temporary folder (the stage's lock taken first). `resumable` keeps a previous attempt's files only
+        when that attempt had the same fingerprint (config, code, inputs); any other leftover is deleted, and
+        the user told why."""
+        self.lock()
         stamp = self.tmp_dir / RESUME_STAMP
         if self.tmp_dir.exists():
             same = resumable and stamp.is_file() and _read_json_or_none(stamp) == self.fingerprint

@@ -1,23 +1,34 @@
 """The command line every stage shares: --config, --set, --force, and exit codes.
 
-0 ok, 2 bad config or usage, 3 missing or invalid upstream artifact, 130 interrupted.
+0 ok (also: up to date, or skipped for absent hardware), 1 the stage ran and its own check failed (merge
+parity, a llama.cpp tool), 2 bad config or usage, 3 missing or invalid upstream artifact, 4 busy (another
+process holds this stage's folder, or the port to serve on), 130 interrupted (Ctrl-C or SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .artifacts import MissingArtifact
+from .artifacts import MissingArtifact, StageBusy
 from .config import ConfigError, as_dict, load_stage_config
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 
-EXIT_OK, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (a stopped container, `kill`) stops a stage like Ctrl-C: child processes started through
+    subprocess.run are killed on the way out, nothing is published, the exit code is 130."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -53,6 +64,7 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
     if add_args:
         add_args(p)
     args = p.parse_args(argv)
+    sigterm_as_interrupt()
     try:
         run, cfg = load_stage_config(args.config, section, cfg_cls, args.overrides)
         show_config(f"{section} · run {run.name}", as_dict(cfg))
@@ -63,6 +75,9 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
     except MissingArtifact as err:
         console.print(Text.assemble(("missing input ", "red"), str(err)))
         return EXIT_UPSTREAM
+    except StageBusy as err:
+        console.print(Text.assemble(("busy ", "red"), str(err)))
+        return EXIT_BUSY
     except KeyboardInterrupt:
         console.print(f"[yellow]{section} interrupted[/yellow]; rerun to start again (nothing was published)")
         return EXIT_INTERRUPTED

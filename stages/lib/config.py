@@ -8,6 +8,7 @@ then lets the dataclass's own `validate()` check ranges. Any problem becomes one
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -54,7 +55,9 @@ def _type_name(tp) -> str:
 def _check_type(value, tp, key: str):
     """Return value coerced to tp (int -> float only), or raise ConfigError."""
     origin = typing.get_origin(tp)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -122,14 +125,17 @@ def read_tables(path: str | Path, overrides: list[str] = ()) -> dict:
         tables = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"not valid TOML: {err}") from None
-    for text in overrides:
-        section, key, value = parse_override(text)
-        tables.setdefault(section, {})[key] = value
-    for section, table in tables.items():
+    def check(section: str, table) -> None:
         if section not in KNOWN_SECTIONS:
             raise ConfigError(f"[{section}]: unknown table (known: {', '.join(KNOWN_SECTIONS)})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{section}: expected a table")
+            raise ConfigError(f"{section}: expected a table ([{section}]), got {table!r}")
+    for section, table in tables.items():
+        check(section, table)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        check(section, tables.setdefault(section, {}))
+        tables[section][key] = value
     return tables
 
 
