@@ -22,6 +22,7 @@ grad norm; per-evaluation loss and exact match; tokens/s of the trainer and of t
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import resource
 import shutil
@@ -143,6 +144,13 @@ class Collate:
         return batch
 
 
+@functools.lru_cache(maxsize=None)
+def cache_argument(decoder_class) -> str:
+    """transformers 5.2x renamed past_key_values to cache (argument and output); older 5.x keep the old name.
+    Looked up once per class, not on every training step."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
 def completion_loss(model, batch: dict):
     """Mean cross-entropy over labelled positions; logits only where a label is."""
     import torch
@@ -151,8 +159,7 @@ def completion_loss(model, batch: dict):
     decoder, ids, mask = causal_lm.model, batch["input_ids"], batch["attention_mask"]
     extra = {}
     if "prefix_ids" in batch:  # the shared instruction once, its keys/values repeated for every row
-        # transformers 5.2x renamed past_key_values to cache (argument and output); older 5.x keep the old name
-        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        name = cache_argument(type(decoder))
         prefix_len = batch["prefix_ids"].shape[1]
         cache = getattr(decoder(input_ids=batch["prefix_ids"], use_cache=True), name)
         cache.batch_repeat_interleave(ids.shape[0])
