@@ -57,10 +57,14 @@ help:
 # virtualised Xeon that reports AMX without running it dies in ggml's AMX kernels ("Illegal instruction").
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 
-$(STAMP): requirements/*.txt
+# Compiled wheels are kept per build key (version, CMAKE_ARGS, CPU) under CART_CACHE, so a new .venv
+# with the same settings reuses one instead of compiling again.
+CART_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cart-intent
+
+$(STAMP): requirements/*.txt stages/lib/llama_cpp_tools.py
 	$(PYTHON) -m venv $(VENV)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
-	$(PY) -m stages.lib.llama_cpp_tools install
+	$(PY) stages/lib/llama_cpp_tools.py build requirements/gguf.txt "$(LLAMA_CMAKE_ARGS)" $(CART_CACHE)/llama-cpp-python
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
 	touch $@
 
 ## Create .venv from the pinned requirements (done automatically by every target under RUNNER=local)

@@ -1,26 +1,32 @@
-"""llama.cpp's converter, taken from the installed llama-cpp-python's own source distribution.
+"""llama.cpp built from the pinned llama-cpp-python sdist, and its converter taken from the same sdist.
 
 One llama.cpp version converts, quantizes and runs: the commit vendored in the pinned
-llama-cpp-python. `make venv` runs `python -m stages.lib.llama_cpp_tools install` once, which
-downloads that version's sdist from PyPI (hash-checked), and keeps `convert_hf_to_gguf.py`, its
-`conversion/` package and `gguf-py/` under `<venv>/share/llama.cpp/`, with the commit in `COMMIT`.
-No llama.cpp code is copied into this repository.
+llama-cpp-python. `make venv` runs `python stages/lib/llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE`
+once: pip downloads the sdist (hash-pinned below), compiles it for CMAKE_ARGS into a wheel kept under
+CACHE by build key (never pip's wheel cache, which ignores CMAKE_ARGS), installs it, checks the loaded
+library was compiled for what was asked, and keeps `convert_hf_to_gguf.py`, its `conversion/` package and
+`gguf-py/` under `<venv>/share/llama.cpp/`, with the commit in `COMMIT` and the build in `BUILD.json`.
+The images run `install` (converter only; they compile with their own CMAKE_ARGS).
+No llama.cpp code is copied into this repository. Stdlib only: it runs before anything else is installed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
 KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# sdists this code accepts (pip checks the download against it)
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 
 
 class ToolsMissing(Exception):
@@ -68,32 +74,101 @@ def tensor_types(gguf_file: Path) -> dict[str, dict]:
     return dict(sorted(mix.items(), key=lambda kv: -kv[1]["parameters"]))
 
 
-def _sdist_url(version: str) -> tuple[str, str]:
-    """The sdist's URL and sha256 from PyPI's simple index (JSON form, PEP 691)."""
-    request = urllib.request.Request(f"https://pypi.org/simple/{PACKAGE}/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        files = json.load(resp)["files"]
-    wanted = f"llama_cpp_python-{version}.tar.gz"
-    for file in files:
-        if file["filename"] == wanted:
-            return file["url"], file["hashes"]["sha256"]
-    raise SystemExit(f"{wanted} is not on PyPI")
+def pinned_version(requirements: Path) -> str:
+    """The llama-cpp-python version a requirements file pins (`llama-cpp-python[...]==X`)."""
+    for line in requirements.read_text().splitlines():
+        name, sep, rest = line.split("#")[0].partition("==")
+        if sep and name.split("[")[0].strip().lower() == PACKAGE:
+            return rest.strip()
+    raise SystemExit(f"{requirements}: no `{PACKAGE}==<version>` line")
 
 
-def install(dest: Path) -> str:
-    """Download the installed version's sdist, keep the converter files and record the commit."""
-    version = metadata.version(PACKAGE)
-    url, sha256 = _sdist_url(version)
+def fetch_sdist(version: str, folder: Path) -> Path:
+    """The sdist through pip (the user's index and proxy settings apply), hash-checked against SDIST_SHA256."""
+    if version not in SDIST_SHA256:
+        raise SystemExit(f"no sha256 pinned for {PACKAGE}=={version}: add it to SDIST_SHA256 in {__file__}")
+    archive = folder / f"llama_cpp_python-{version}.tar.gz"
+    if archive.is_file() and hashlib.sha256(archive.read_bytes()).hexdigest() == SDIST_SHA256[version]:
+        return archive
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "sdist.tar.gz"
-        urllib.request.urlretrieve(url, archive)
-        if hashlib.sha256(archive.read_bytes()).hexdigest() != sha256:
-            raise SystemExit(f"{url}: sha256 does not match PyPI's record")
+        pins = Path(tmp) / "requirements.txt"
+        pins.write_text(f"{PACKAGE}=={version} --hash=sha256:{SDIST_SHA256[version]}\n")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
+                        "--no-binary", ":all:", "--require-hashes", "-r", str(pins), "-d", str(folder)], check=True)
+    return archive
+
+
+def build_key(version: str, cmake_args: str) -> str:
+    """What a compiled wheel depends on. A native build (no GGML_NATIVE=OFF) also depends on the CPU it was
+    built on, so its key holds the CPU's flags. pip's own wheel cache keys only the sdist, which is why a
+    `CMAKE_ARGS` change once reused a native build that died with SIGILL elsewhere: never use that cache."""
+    parts = [version, " ".join(cmake_args.split()), platform.machine()]
+    if "-DGGML_NATIVE=OFF" not in cmake_args.split():
+        parts.append(_cpu_flags())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def build_wheel(sdist: Path, cmake_args: str, folder: Path) -> Path:
+    """Compile the sdist once per build key into folder (about 7 minutes on 2 cores); reuse it after."""
+    wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        return wheels[-1]
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    env = {**os.environ, "CMAKE_ARGS": cmake_args}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "-q", "--no-deps",
+                    "--no-cache-dir", "-w", str(staging), str(sdist)], check=True, env=env)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return sorted(folder.glob("llama_cpp_python-*.whl"))[-1]
+
+
+ISA_FEATURES = ("AVX", "AVX2", "F16C", "FMA", "BMI2", "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+                "AVX512_BF16", "AMX_INT8")
+
+
+def feature_mismatch(cmake_args: str, system_info: str) -> list[str]:
+    """Instruction sets llama.cpp reports compiled in (`llama_print_system_info`) that a portable build
+    (GGML_NATIVE=OFF) did not ask for, or asked for and lacks. Empty for native builds (no expectation)."""
+    args = cmake_args.split()
+    if "-DGGML_NATIVE=OFF" not in args:
+        return []
+    asked = {a[len("-DGGML_"):-len("=ON")] for a in args if a.startswith("-DGGML_") and a.endswith("=ON")}
+    compiled = set()
+    for part in system_info.split("|"):  # "CPU : SSE3 = 1 | AVX2 = 1 | ..."
+        name, _, value = part.rpartition("=")
+        if value.strip() == "1":
+            compiled.add(name.split(":")[-1].strip())
+    return ([f"{name} compiled in, not asked for" for name in ISA_FEATURES if name in compiled - asked]
+            + [f"{name} asked for, not compiled in" for name in ISA_FEATURES if name in asked - compiled])
+
+
+def check_installed(cmake_args: str) -> None:
+    """Load the installed library in a fresh interpreter and compare what it was compiled for with cmake_args."""
+    info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          check=True, capture_output=True, text=True).stdout
+    mismatch = feature_mismatch(cmake_args, info)
+    if mismatch:
+        raise SystemExit(f"installed llama.cpp does not match CMAKE_ARGS ({'; '.join(mismatch)}): "
+                         f"rebuild with `rm -rf {sys.prefix} && make venv`")
+
+
+def install_converter(sdist: Path, version: str, dest: Path) -> str:
+    """Keep the converter files of the sdist's vendored llama.cpp in dest; returns its commit."""
+    with tempfile.TemporaryDirectory() as tmp:
         root = f"llama_cpp_python-{version}/"
         vendor, head = root + "vendor/llama.cpp/", root + ".git/modules/vendor/llama.cpp/HEAD"
         staging = Path(tmp) / "llama.cpp"
-        with tarfile.open(archive) as tar:
+        with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(vendor)
                        and m.name[len(vendor):].startswith(KEEP)]
             for member in members:
@@ -108,8 +183,35 @@ def install(dest: Path) -> str:
     return commit
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] != ["install"]:
-        raise SystemExit("usage: python -m stages.lib.llama_cpp_tools install")
+def build(requirements: Path, cmake_args: str, cache: Path) -> None:
+    """`make venv`: the pinned sdist -> a wheel compiled for cmake_args (cached by build key) -> installed
+    here and checked -> the converter from the same sdist, with the build recorded in BUILD.json."""
+    version = pinned_version(requirements)
+    sdist = fetch_sdist(version, cache / "sdist")
+    wheel = build_wheel(sdist, cmake_args, cache / f"{version}-{build_key(version, cmake_args)}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                    "--force-reinstall", str(wheel)], check=True)
+    check_installed(cmake_args)
     target = tools_dir()
-    print(f"llama.cpp {install(target)} converter installed in {target}")
+    commit = install_converter(sdist, version, target)
+    (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args,
+                                                   "wheel": wheel.name, "commit": commit}, indent=2) + "\n")
+    print(f"llama.cpp {commit} ({PACKAGE} {version}, CMAKE_ARGS={cmake_args!r}) installed; converter in {target}")
+
+
+def main(argv: list[str]) -> None:
+    usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv)\n"
+             "       llama_cpp_tools.py install   (converter of the installed version, for images)")
+    if argv[:1] == ["build"] and len(argv) == 4:
+        build(Path(argv[1]), argv[2], Path(argv[3]))
+    elif argv == ["install"]:
+        version, target = metadata.version(PACKAGE), tools_dir()
+        with tempfile.TemporaryDirectory() as tmp:
+            commit = install_converter(fetch_sdist(version, Path(tmp)), version, target)
+        print(f"llama.cpp {commit} converter installed in {target}")
+    else:
+        raise SystemExit(usage)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

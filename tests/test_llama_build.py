@@ -1,0 +1,46 @@
+"""The llama.cpp that `make venv` installs is the one its CMAKE_ARGS asked for (CI once ran a native
+AMX build that pip's wheel cache handed back for a portable request, and every GGUF stage died of SIGILL)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from stages.lib.llama_cpp_tools import build_key, feature_mismatch, pinned_version, tools_dir
+
+PORTABLE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+PORTABLE_INFO = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | OPENMP = 1 | "
+
+
+def test_a_native_build_handed_back_for_a_portable_request_is_caught():
+    native = PORTABLE_INFO + "AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | "
+    assert feature_mismatch(PORTABLE, PORTABLE_INFO) == []
+    assert feature_mismatch(PORTABLE, native) == ["AVX512 compiled in, not asked for",
+                                                  "AVX512_VNNI compiled in, not asked for",
+                                                  "AMX_INT8 compiled in, not asked for"]
+    assert feature_mismatch(PORTABLE, PORTABLE_INFO.replace("AVX2 = 1", "AVX2 = 0")) == ["AVX2 asked for, not compiled in"]
+    assert feature_mismatch("", native) == []  # a native build promises nothing to check against
+
+
+def test_build_key_changes_with_what_the_wheel_depends_on():
+    key = build_key("0.3.36", PORTABLE)
+    assert key == build_key("0.3.36", "  ".join(PORTABLE.split()))  # spacing is not a setting
+    assert key != build_key("0.3.37", PORTABLE)
+    assert key != build_key("0.3.36", PORTABLE.replace(" -DGGML_BMI2=ON", ""))
+    assert key != build_key("0.3.36", "")
+
+
+def test_pinned_version_reads_the_requirement_with_extras():
+    assert pinned_version(ROOT / "requirements" / "gguf.txt") == "0.3.36"
+
+
+def test_installed_llama_cpp_was_compiled_for_the_recorded_cmake_args():
+    record = tools_dir() / "BUILD.json"
+    if not record.is_file():
+        pytest.skip("llama.cpp not installed by `make venv` (no BUILD.json): nothing recorded to check against")
+    build = json.loads(record.read_text())
+    info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          capture_output=True, text=True, check=True).stdout
+    assert feature_mismatch(build["cmake_args"], info) == []
+    assert build["version"] == pinned_version(ROOT / "requirements" / "gguf.txt")
