@@ -31,6 +31,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.models import PACKAGED_MODELS, SHAPE_TWINS, model_slug
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "sentencepiece", "huggingface_hub", "safetensors", "gguf", "pip"]
 
@@ -192,8 +193,8 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
                                artifacts.input_fingerprint({"data": data}), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
-    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    train = read_split(run_dir, "train")
+    val = read_split(run_dir, "val")
     out = stage.fresh_tmp()
     records, tiny_dir = {}, None
     for spec in sorted(cfg.models, key=lambda m: m != "tiny"):  # tiny first: the twin reuses its tokenizer

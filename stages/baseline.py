@@ -28,6 +28,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli
 from stages.lib.config import as_dict, require
 from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
 
@@ -126,8 +127,8 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
     from stages.lib.catalog import load_catalog
     from stages.lib.metrics import score, summarize
     from stages.lib.task import build_prompt
-    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
-    examples = artifacts.read_jsonl(run_dir / "data" / "test.jsonl")[: cfg.limit or None]
+    train = read_split(run_dir, "train")
+    examples = read_split(run_dir, "test")[: cfg.limit or None]
     shots = pick_shots(train, cfg.shots, cfg.shot_seed)
     prompts = [build_prompt(ex["text"], shots) for ex in examples]
     catalog_names = set(load_catalog().names)

@@ -16,7 +16,6 @@ predictions/<slug>__<variant>__<decoding>.jsonl.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,38 +45,20 @@ class EvaluateConfig:
         require(self.threads >= 0, "threads", "an integer >= 0")
 
 
-def read_examples(path: Path) -> list[dict]:
-    """Labelled examples; a malformed line stops with its number and what is wrong."""
-    from stages.lib.task import ACTIONS
-    examples = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); expected JSON Lines of labelled examples") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
+def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
+    """The run's test split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
+    with id, lang and noise filled in where a hand-written file leaves them out."""
+    from stages.lib.catalog import load_catalog
+    from stages.lib.task import BadExamples, read_examples, read_split
+    if data_path is None:
+        rows = read_split(run_dir, "test")
+    else:
         try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where}: expected a JSON object with text, action, product, quantity")
-        missing = [k for k in ("text", "action", "product", "quantity") if k not in row]
-        if missing:
-            raise ConfigError(f"{where}: missing {', '.join(missing)}")
-        if not isinstance(row["text"], str) or not row["text"].strip():
-            raise ConfigError(f"{where}: text must be a non-empty string")
-        if row["action"] not in ACTIONS:
-            raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)}, not {row['action']!r}")
-        if type(row["quantity"]) is not int or row["quantity"] < 1:
-            raise ConfigError(f"{where}: quantity must be a positive integer, not {row['quantity']!r}")
-        examples.append({"id": row.get("id", f"line-{number}"), "lang": row.get("lang", "unknown"),
-                         "noise": row.get("noise", []), **{k: row[k] for k in ("text", "action", "product", "quantity")}})
-    if not examples:
-        raise ConfigError(f"{path}: no examples")
-    return examples
+            rows = read_examples(data_path, set(load_catalog().names))
+        except BadExamples as err:
+            raise ConfigError(str(err)) from None
+    return [{"id": row.get("id", f"row-{number}"), "lang": row.get("lang", "unknown"), "noise": row.get("noise", []),
+             **{k: row[k] for k in ("text", "action", "product", "quantity")}} for number, row in enumerate(rows, 1)]
 
 
 def variants(run_dir: Path) -> dict[str, dict]:
@@ -140,7 +121,7 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     from stages.lib.catalog import load_catalog
     from stages.lib.metrics import mcnemar, score, summarize
     from stages.lib.task import build_prompt
-    examples = read_examples(data_path)[: cfg.limit or None]
+    examples = load_examples(run_dir, data_path if args.data else None)[: cfg.limit or None]
     prompts = [build_prompt(ex["text"]) for ex in examples]
     catalog_names = set(load_catalog().names)
     out = stage.fresh_tmp()

@@ -34,6 +34,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli
 from stages.lib.config import as_dict, require
 from stages.lib.models import base_models, weights_dir
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -361,8 +362,8 @@ def run(run_cfg, cfg: FinetuneConfig, args) -> int:
                                artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
-    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    train = read_split(run_dir, "train")
+    val = read_split(run_dir, "val")
     out = stage.fresh_tmp(resumable=not args.force)  # checkpoints of an identical interrupted attempt are resumed
     results = {}
     for slug, record in base_models(run_dir).items():

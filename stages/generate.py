@@ -25,6 +25,7 @@ from stages.lib import artifacts, cli, metaprompt
 from stages.lib.catalog import LANGUAGES, Catalog, indefinite, load_catalog, quantity_phrase, unit_phrase
 from stages.lib.config import as_dict, require
 from stages.lib.noise import NOISE_FUNCTIONS, NOISE_KINDS
+from stages.lib.task import MAX_QUANTITY
 
 TEMPLATES_PATH = Path(__file__).parent / "lib" / "templates.json"
 
@@ -81,9 +82,9 @@ class GenerateConfig:
         require(bool(self.languages) and set(self.languages) <= set(LANGUAGES)
                 and len(set(self.languages)) == len(self.languages), "languages", f"distinct values of {LANGUAGES}")
         require(0 <= self.remove_share <= 1, "remove_share", "a fraction in [0, 1]")
-        require(all(len(b) == 3 and 1 <= b[0] <= b[1] and b[2] >= 0 for b in self.quantity_buckets)
+        require(all(len(b) == 3 and 1 <= b[0] <= b[1] <= MAX_QUANTITY and b[2] >= 0 for b in self.quantity_buckets)
                 and sum(b[2] for b in self.quantity_buckets) > 0, "quantity_buckets",
-                "[low, high, weight] triples with 1 <= low <= high and weights >= 0, not all 0")
+                f"[low, high, weight] triples with 1 <= low <= high <= {MAX_QUANTITY} and weights >= 0, not all 0")
         require(set(self.quantity_style) == {"word", "x", "dozen", "implicit", "unit"}
                 and all(0 <= p <= 1 for p in self.quantity_style.values()), "quantity_style",
                 "probabilities in [0, 1] for exactly word, x, dozen, implicit, unit")

@@ -25,6 +25,7 @@ from stages.lib import artifacts, cli
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
 from stages.lib.models import count_parameters, quantization_sources
+from stages.lib.task import read_split
 
 PACKAGES = ["llama-cpp-python", "torch", "transformers", "sentencepiece", "numpy"]
 # What llama.cpp makes without an importance matrix (IQ1/IQ2 and Q2_K_S need one; TQ and FP4 types are
@@ -141,7 +142,7 @@ def run(run_cfg, cfg: GGUFConfig, args) -> int:
         return 0
     import llama_cpp
     from stages.lib.task import build_prompt
-    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    val = read_split(run_dir, "val")
     probe = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
     out = stage.fresh_tmp()
     results = {}

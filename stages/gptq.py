@@ -25,6 +25,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli
 from stages.lib.config import as_dict, require
 from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "optimum", "safetensors"]
 
@@ -112,8 +113,8 @@ def run(run_cfg, cfg: GPTQConfig, args) -> int:
     if cli.already_done(stage, args):
         return 0
     from stages.lib.task import build_prompt
-    train = artifacts.read_jsonl(run_dir / "data" / "train.jsonl")
-    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    train = read_split(run_dir, "train")
+    val = read_split(run_dir, "val")
     texts, per_language = calibration_texts(train, cfg.calibration_per_language, cfg.calibration_seed)
     probe = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
     import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli
 from stages.lib.config import as_dict, require
 from stages.lib.models import base_models, weights_dir
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "peft", "safetensors"]
 
@@ -105,7 +106,7 @@ def run(run_cfg, cfg: MergeConfig, args) -> int:
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    val = artifacts.read_jsonl(run_dir / "data" / "val.jsonl")
+    val = read_split(run_dir, "val")
     out = stage.fresh_tmp()
     results = {}
     for slug, record in base_models(run_dir).items():

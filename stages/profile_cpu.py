@@ -30,6 +30,7 @@ from pathlib import Path
 
 from stages.lib import artifacts, cli, hardware
 from stages.lib.config import as_dict, require
+from stages.lib.task import read_split
 
 PACKAGES = ["llama-cpp-python", "numpy", "psutil"]
 MODES = ("naive", "prefix_cached", "prefix_cached_constrained")
@@ -232,7 +233,7 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     import llama_cpp
     from stages.lib.llama_cpp_tools import weights_read_per_token
     from stages.lib.task import ANSWER_TOKENS, build_prompt
-    test = artifacts.read_jsonl(run_dir / "data" / "test.jsonl")
+    test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
     threads = cfg.threads or len(os.sched_getaffinity(0))
     out = stage.fresh_tmp()

@@ -29,6 +29,7 @@ from pathlib import Path
 from stages.lib import artifacts, cli, hardware
 from stages.lib.config import as_dict, require
 from stages.lib.models import quantization_sources
+from stages.lib.task import read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "bitsandbytes", "nvidia-ml-py"]
 VARIANTS = ("fp16", "gptq", "nf4")
@@ -229,7 +230,7 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
         cli.console.print(f"[yellow]profile-gpu skipped[/yellow]: {reason}")
         return 0
     from stages.lib.task import ANSWER_TOKENS, build_prompt
-    test = artifacts.read_jsonl(run_dir / "data" / "test.jsonl")
+    test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
     gpu = gpu_facts()
     rows = []

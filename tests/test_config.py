@@ -63,6 +63,8 @@ def test_paper_config_is_the_papers_recipe():
     ("[generate]\ntest_fraction = 0.9\n", "generate.test_fraction"),
     ("[generate]\nlanguages = ['en', 'de']\n", "generate.languages"),
     ("[generate.noise]\ntypo = 1.5\n", "generate.noise"),
+    ("[generate]\nquantity_buckets = [[1, 5000, 1]]\n", "generate.quantity_buckets: expected [low, high, weight] "
+     "triples with 1 <= low <= high <= 999"),
     ("[generat]\nn_examples = 5\n", "[generat]: unknown table"),
     ("[generate\n", "not valid TOML"),
     ("[run]\nname = 'a/b'\n", "run.name"),

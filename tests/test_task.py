@@ -1,11 +1,20 @@
-"""The task library: parser never raises and finds the first object; the scorer is strict."""
+"""The task library: parser never raises and finds the first object; the scorer is strict; labelled files hold
+only rows the schema allows."""
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.lib.task import (build_completion, build_prompt, exact_match, field_matches, format_answer,
-                             is_valid, parse_output)
+from stages.lib.artifacts import MissingArtifact, StageRun
+from stages.lib.task import (BadExamples, build_completion, build_prompt, exact_match, field_matches, format_answer,
+                             is_valid, parse_output, read_examples, read_split)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOLD = {"action": "remove", "product": "Lip Balm", "quantity": 12}
 answers = st.fixed_dictionaries({"action": st.sampled_from(["add", "remove"]),
@@ -59,6 +68,7 @@ def test_validity_checks_schema_and_catalog():
     assert is_valid(dict(GOLD), {"Lip Balm"})
     assert not is_valid(dict(GOLD), {"Pen"})
     assert not is_valid({**GOLD, "quantity": 0})
+    assert not is_valid({**GOLD, "quantity": 1000}) and is_valid({**GOLD, "quantity": 999})
     assert not is_valid({**GOLD, "extra": 1})
     assert not is_valid({**GOLD, "action": "delete"})
 
@@ -71,3 +81,48 @@ def test_prompt_and_completion_round_trip():
     assert parse_output(prompt + completion) == GOLD
     shots = build_prompt("dodaj med", [{"text": "add a pen", **GOLD}])
     assert "Message: add a pen\nJSON: " + format_answer(**GOLD) in shots
+
+
+ROW = {"text": "Can you delet 12 lip balms for me?", **GOLD}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"product": "Unicorn"}, "product 'Unicorn' is not in the catalog (stages/lib/catalog.json)"),
+    ({"product": 7}, "product 7 is not in the catalog (stages/lib/catalog.json)"),
+    ({"action": "buy"}, "action must be one of add, remove, not 'buy'"),
+    ({"quantity": 0}, "quantity must be an integer from 1 to 999, not 0"),
+    ({"quantity": 1000}, "quantity must be an integer from 1 to 999, not 1000"),
+    ({"quantity": True}, "quantity must be an integer from 1 to 999, not True"),
+    ({"quantity": "12"}, "quantity must be an integer from 1 to 999, not '12'"),
+    ({"text": " "}, "text must be a non-empty string"),
+])
+def test_rows_outside_the_schema_are_rejected_with_file_and_line(tmp_path, change, problem):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(ROW) + "\n\n")
+    assert read_examples(path, {"Lip Balm"}) == [ROW]
+    path.write_text(json.dumps(ROW) + "\n\n" + json.dumps({**ROW, **change}) + "\n")  # line 3, after a blank
+    with pytest.raises(BadExamples) as err:
+        read_examples(path, {"Lip Balm"})
+    assert str(err.value) == f"{path}:3: {problem}"
+
+
+def test_a_bad_row_in_a_run_split_names_the_generate_target(tmp_path):
+    stage = StageRun("generate", "data", tmp_path, {}, {}, "code", [])
+    (stage.fresh_tmp() / "train.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "quantity": 5000}) + "\n")
+    stage.publish()
+    with pytest.raises(MissingArtifact, match=r"train.jsonl:2: quantity .* `make generate FORCE=1`"):
+        read_split(tmp_path, "train")
+
+
+def test_a_stage_refuses_to_train_on_a_bad_row(tmp_path):
+    """The base stage (the first to read the splits) stops with exit 3 and writes nothing."""
+    stage = StageRun("generate", "data", tmp_path / "smoke", {}, {}, "code", [])
+    out = stage.fresh_tmp()
+    (out / "train.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "product": "Unicorn"}) + "\n")
+    (out / "val.jsonl").write_text(json.dumps(ROW) + "\n")
+    stage.publish()
+    proc = subprocess.run([sys.executable, "-m", "stages.base", "--config", "configs/smoke.toml", "--set",
+                           f"run.artifacts_dir='{tmp_path}'"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "train.jsonl:2: product 'Unicorn' is not in the catalog" in proc.stderr
+    assert not (tmp_path / "smoke" / "base").exists()

@@ -21,9 +21,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from .task import ACTIONS, format_answer
+from .task import ACTIONS, MAX_QUANTITY, format_answer
 
-MAX_QUANTITY = 999
 LAST_CHAR = chr(0x10FFFF)
 
 

@@ -6,9 +6,14 @@ or a score means the same thing everywhere.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from .artifacts import MissingArtifact
+from .catalog import load_catalog
 
 ACTIONS = ("add", "remove")
 FIELDS = ("action", "product", "quantity")
+MAX_QUANTITY = 999  # the schema's bound (constrained decoding enumerates 1..999)
 # The longest canonical answer is ~70 characters; 48 tokens covers it even with a character-level tokenizer.
 ANSWER_TOKENS = 48
 
@@ -64,7 +69,7 @@ def is_valid(pred: dict | None, catalog_names: set[str] | None = None) -> bool:
         return False
     quantity = pred["quantity"]
     ok = (pred["action"] in ACTIONS and isinstance(pred["product"], str)
-          and isinstance(quantity, int) and not isinstance(quantity, bool) and quantity >= 1)
+          and isinstance(quantity, int) and not isinstance(quantity, bool) and 1 <= quantity <= MAX_QUANTITY)
     return ok and (catalog_names is None or pred["product"] in catalog_names)
 
 
@@ -84,3 +89,58 @@ def field_matches(pred: dict | None, gold: dict) -> dict[str, bool]:
 def exact_match(pred: dict | None, gold: dict) -> bool:
     """Strict exact match: a JSON object whose three fields all equal the gold ones."""
     return all(field_matches(pred, gold).values())
+
+
+class BadExamples(ValueError):
+    """A labelled file that is not JSON Lines of valid examples; the message names the file and line."""
+
+
+def example_problem(row, catalog_names: set[str]) -> str | None:
+    """Why row is not a labelled example of this task (text, a known action and catalog product, quantity
+    1..MAX_QUANTITY), or None. Training on such a row would teach an answer the schema forbids."""
+    if not isinstance(row, dict):
+        return "expected a JSON object with text, action, product, quantity"
+    missing = [k for k in ("text", *FIELDS) if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(row["text"], str) or not row["text"].strip():
+        return "text must be a non-empty string"
+    if row["action"] not in ACTIONS:
+        return f"action must be one of {', '.join(ACTIONS)}, not {row['action']!r}"
+    if not isinstance(row["product"], str) or row["product"] not in catalog_names:
+        return f"product {row['product']!r} is not in the catalog (stages/lib/catalog.json)"
+    quantity = row["quantity"]
+    if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
+        return f"quantity must be an integer from 1 to {MAX_QUANTITY}, not {quantity!r}"
+    return None
+
+
+def read_examples(path: Path, catalog_names: set[str]) -> list[dict]:
+    """Every labelled example of a JSON Lines file, or BadExamples at the first row that is not one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BadExamples(f"{path}: not UTF-8 text (byte {err.start}); expected JSON Lines of labelled examples") from None
+    examples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise BadExamples(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        problem = example_problem(row, catalog_names)
+        if problem:
+            raise BadExamples(f"{path}:{number}: {problem}")
+        examples.append(row)
+    if not examples:
+        raise BadExamples(f"{path}: no examples")
+    return examples
+
+
+def read_split(run_dir: Path, split: str) -> list[dict]:
+    """A run's data/<split>.jsonl, every row checked: a bad row is a bad upstream artifact (exit 3)."""
+    try:
+        return read_examples(run_dir / "data" / f"{split}.jsonl", set(load_catalog().names))
+    except BadExamples as err:
+        raise MissingArtifact(f"{err}: regenerate it with `make generate FORCE=1` (same CONFIG)") from None
