@@ -65,6 +65,7 @@ $(STAMP): requirements/*.txt stages/lib/llama_cpp_tools.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) stages/lib/llama_cpp_tools.py build requirements/gguf.txt "$(LLAMA_CMAKE_ARGS)" $(CART_CACHE)/llama-cpp-python
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
+	$(PY) stages/lib/llama_cpp_tools.py check "$(LLAMA_CMAKE_ARGS)"
 	touch $@
 
 ## Create .venv from the pinned requirements (done automatically by every target under RUNNER=local)
@@ -145,12 +146,12 @@ pull:
 
 ## Pack the run of CONFIG with its manifests (STAGES=merge,gptq,profiles: some folders) -> FILE or artifacts/<run>.tar.gz
 export: $(SETUP)
-	$(call IN,transfer,$(FILE_MOUNT)) -m stages.lib.transfer export --config $(CONFIG) $(SET_ARGS) $(if $(STAGES),--stages $(STAGES)) $(if $(FILE),--out $(abspath $(FILE)))
+	$(call IN,transfer,$(FILE_MOUNT)) -m stages.transfer export --config $(CONFIG) $(SET_ARGS) $(if $(STAGES),--stages $(STAGES)) $(if $(FILE),--out $(abspath $(FILE)))
 
 ## Unpack FILE=<archive>.tar.gz into artifacts/ after checking every file against its manifest
 import: $(SETUP)
 	@test -n "$(FILE)" || { echo "make import needs FILE=<archive>.tar.gz (written by make export)"; exit 2; }
-	$(call IN,transfer,$(FILE_MOUNT)) -m stages.lib.transfer import $(abspath $(FILE))
+	$(call IN,transfer,$(FILE_MOUNT)) -m stages.transfer import $(abspath $(FILE))
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

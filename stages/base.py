@@ -169,7 +169,7 @@ def make_shape_twin(spec: str, tiny_tokenizer_dir: Path | None, train: list[dict
     """Random weights with the real model's exact shape (accuracy from it is meaningless)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from stages.lib.tiny import train_tokenizer
+    from stages.base_tiny import train_tokenizer
     shape = SHAPE_TWINS[spec]
     if tiny_tokenizer_dir is None:
         train_tokenizer([ex["text"] for ex in train], 2048, out)
@@ -203,7 +203,7 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
         folder.mkdir()
         cli.console.rule(f"base model {spec}")
         if spec == "tiny":
-            from stages.lib.tiny import build_tiny
+            from stages.base_tiny import build_tiny
             records[slug] = build_tiny(cfg, train, val, run_cfg.seed, folder)
             tiny_dir = folder
         elif spec in SHAPE_TWINS:

@@ -5,13 +5,13 @@ built by the same prompt builder and scored by the same scorer as the fine-tuned
 - Open-weight base models through transformers: any model this run's base stage prepared ("tiny",
   "packaged:smollm2-135m-instruct"), HF ids or local folders.
 - API models through any OpenAI-compatible endpoint (OpenAI with OPENAI_API_KEY, or vLLM, Ollama, a
-  llama.cpp server via `api_base_url`), with bounded concurrency, retries and an on-disk response cache
+  llama.cpp server via `[baseline.api] base_url`), with bounded concurrency, retries and an on-disk response cache
   (artifacts/<run>/.cache/api/responses.jsonl) so a rerun or an interrupted run pays nothing twice.
 A model that cannot be used here (no weights, no key, endpoint down) is recorded as skipped with its reason.
 
     python -m stages.baseline --config configs/smollm2.toml     # ~4 minutes on 2 cores
     python -m stages.baseline --config configs/smoke.toml --set 'baseline.api_models=["m"]' \
-        --set baseline.api_base_url='"http://127.0.0.1:8080/v1"'
+        --set baseline.api.base_url='"http://127.0.0.1:8080/v1"'
 
 Writes artifacts/<run>/baseline/results.json and predictions/<model>.jsonl.
 """
@@ -25,7 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.text import Text
+
 from stages.lib import artifacts, cli
+from stages.lib.api_client import ApiSettings
 from stages.lib.config import as_dict, require
 from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
 from stages.lib.task import read_split
@@ -39,26 +42,13 @@ class BaselineConfig:
     shot_seed: int = 42
     models: list[str] = field(default_factory=lambda: ["tiny"])   # open-weight: "tiny", HF ids, folders
     api_models: list[str] = field(default_factory=list)           # e.g. ["gpt-4.1", "gpt-4.1-mini"]
-    api_base_url: str = ""              # "": OpenAI; any OpenAI-compatible /v1 URL otherwise
-    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never written anywhere
-    api_mode: str = "chat"              # "chat" or "completion"
-    api_concurrency: int = 4
-    api_max_retries: int = 6
-    api_backoff_s: float = 1.0          # first retry delay, doubled each time
-    api_timeout_s: float = 60.0
-    api_max_requests: int = 5000        # budget guard over the whole stage
+    api: ApiSettings = field(default_factory=ApiSettings)        # [baseline.api]: endpoint, key, retries, budget
     batch_size: int = 16
     limit: int = 0                      # first N test examples only (0: all)
 
     def validate(self) -> None:
         require(0 <= self.shots <= 12, "shots", "an integer in [0, 12]")
-        require(self.api_mode in ("chat", "completion"), "api_mode", '"chat" or "completion"')
-        require(self.api_base_url == "" or self.api_base_url.startswith(("http://", "https://")), "api_base_url",
-                '"" (OpenAI) or an http(s):// URL')
-        for key in ("api_concurrency", "batch_size", "api_max_requests"):
-            require(getattr(self, key) >= 1, key, "an integer >= 1")
-        require(self.api_max_retries >= 0 and self.api_backoff_s >= 0 and self.api_timeout_s > 0, "api_max_retries",
-                "retries >= 0, backoff >= 0 and timeout > 0")
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
 
 
@@ -103,9 +93,8 @@ def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
     from rich.progress import Progress
     from stages.lib.api_client import OpenAICompatible
     from stages.lib.task import ANSWER_TOKENS
-    client = OpenAICompatible(model, cfg.api_base_url, cfg.api_key_env, cache, cfg.api_mode, cfg.api_concurrency,
-                              cfg.api_max_retries, cfg.api_timeout_s, cfg.api_max_requests, cfg.api_backoff_s,
-                              log=lambda line: cli.console.print(f"[yellow]{line}[/yellow]"))
+    client = OpenAICompatible(model, cfg.api, cache, "baseline.api.max_requests",
+                              log=lambda line: cli.console.print(Text(line, style="yellow")))
     began = time.perf_counter()
     with Progress(console=cli.console) as bar:
         task = bar.add_task(model, total=len(prompts))

@@ -1,7 +1,7 @@
 """generate: the synthetic multilingual cart-intent dataset (offline template backend by default).
 
 backend = "llm" has an OpenAI-compatible model write each message for the same ground truth, "mixed" a
-share of them (stages/lib/metaprompt.py: prompts, reply checks, cache, budget); see README "LLM-written data".
+share of them (stages/generate_metaprompt.py: prompts, reply checks, cache, budget); see README "LLM-written data".
 
 Ground truth is drawn first (language cycling en/hr/es, action, product, weighted
 quantity), then a template, a quantity style and the configured noise render the
@@ -21,13 +21,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli, metaprompt
+from rich.text import Text
+
+from stages import generate_metaprompt as metaprompt
+from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
+from stages.lib import artifacts, cli
+from stages.lib.api_client import ApiSettings
 from stages.lib.catalog import LANGUAGES, Catalog, indefinite, load_catalog, quantity_phrase, unit_phrase
 from stages.lib.config import as_dict, require
-from stages.lib.noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib.task import MAX_QUANTITY
 
-TEMPLATES_PATH = Path(__file__).parent / "lib" / "templates.json"
+TEMPLATES_PATH = Path(__file__).parent / "generate_templates.json"
 
 
 @dataclass
@@ -35,17 +39,12 @@ class GenerateConfig:
     backend: str = "template"         # "template" (offline), "llm" (metaprompting) or "mixed"
     llm_share: float = 0.5            # mixed: share of examples written by the LLM
     llm_model: str = "gpt-4.1"
-    llm_base_url: str = ""            # "": OpenAI; any OpenAI-compatible /v1 URL otherwise
-    llm_api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never written anywhere
     llm_temperature: float = 1.0
     llm_max_tokens: int = 80
-    llm_concurrency: int = 4
-    llm_max_retries: int = 6          # per request, on 429/5xx/timeouts, backoff doubling from llm_backoff_s
-    llm_backoff_s: float = 1.0
-    llm_timeout_s: float = 60.0
-    llm_max_requests: int = 20000     # budget guard: new (uncached) requests in one run
     llm_max_attempts: int = 3         # per example; a rejected reply is asked again with a new seed
     llm_price_per_1k_tokens: float = 0.002  # for the cost estimate printed before starting
+    # [generate.api]: the LLM's endpoint, key, retries and budget of new requests (chat mode only)
+    api: ApiSettings = field(default_factory=lambda: ApiSettings(max_requests=20000))
     n_examples: int = 6000
     seed: int = 1234
     test_fraction: float = 0.10       # held out first, as the paper did
@@ -69,13 +68,11 @@ class GenerateConfig:
     def validate(self) -> None:
         require(self.backend in ("template", "llm", "mixed"), "backend", '"template", "llm" or "mixed"')
         require(0 <= self.llm_share <= 1, "llm_share", "a fraction in [0, 1]")
-        require(self.llm_base_url == "" or self.llm_base_url.startswith(("http://", "https://")), "llm_base_url",
-                '"" (OpenAI) or an http(s):// URL')
-        for key in ("llm_max_tokens", "llm_concurrency", "llm_max_requests", "llm_max_attempts"):
+        for key in ("llm_max_tokens", "llm_max_attempts"):
             require(getattr(self, key) >= 1, key, "an integer >= 1")
-        require(self.llm_max_retries >= 0 and self.llm_backoff_s >= 0 and self.llm_timeout_s > 0
-                and self.llm_temperature >= 0 and self.llm_price_per_1k_tokens >= 0, "llm_max_retries",
-                "retries, backoff, temperature and price >= 0 and timeout > 0")
+        require(self.llm_temperature >= 0 and self.llm_price_per_1k_tokens >= 0, "llm_temperature",
+                "temperature and price >= 0")
+        require(self.api.mode == "chat", "api.mode", '"chat" (the metaprompt is a chat message)')
         require(self.n_examples >= 30, "n_examples", "an integer >= 30")
         require(0 < self.test_fraction < 0.5, "test_fraction", "a fraction in (0, 0.5)")
         require(0 < self.val_fraction < 0.5, "val_fraction", "a fraction in (0, 0.5)")
@@ -220,7 +217,7 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
         llm = None
         if cfg.backend != "template":
             llm = metaprompt.run_backend(examples, cfg, catalog, run_cfg.run_dir / ".cache" / "api" / "generate.jsonl",
-                                         cli.console.print)
+                                         lambda line: cli.console.print(Text(line)))  # endpoint text, literally
             if llm is None:
                 return 1   # endpoint down or budget spent: said so, nothing published, answers so far cached
         splits = split(examples, cfg)

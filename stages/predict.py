@@ -16,7 +16,7 @@ import json
 import sys
 
 from stages.lib import cli
-from stages.serve import IntentModel, ServeConfig, gguf_path
+from stages.lib.intent import IntentModel, ServeConfig, gguf_path
 
 
 def emit(answer: dict) -> None:

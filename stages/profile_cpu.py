@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.text import Text
+
 from stages.lib import artifacts, cli, hardware
 from stages.lib.config import as_dict, require
 from stages.lib.task import read_split
@@ -66,10 +68,11 @@ class ProfileCPUConfig:
 def _free_request(llm, tokens: list[int], keep: int, fixed: int, max_tokens: int) -> dict:
     """Greedy answer with per-phase times; `keep` tokens of KV state are reused, `fixed` > 0 forces a length."""
     import numpy as np
-    eos, n_vocab = llm.token_eos(), llm.n_vocab()
+    from stages.lib.llama_internals import last_logits
+    eos = llm.token_eos()
 
     def next_token() -> int:
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        logits = last_logits(llm)
         if fixed:
             logits = logits.copy()
             logits[eos] = -np.inf
@@ -146,13 +149,14 @@ def _plain_reference(llm, prompt_tokens: list[int], new_tokens: int, repeats: in
     (decode = tokens after the first over the time after the first; the median run), and llama.cpp's perf
     counters (compute only, no Python) for the same call."""
     import llama_cpp
+    from stages.lib.llama_internals import context
     runs = []
     for _ in range(repeats):
         llm.reset()
-        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+        llama_cpp.llama_perf_context_reset(context(llm))
         stamps = [time.perf_counter() for _ in llm.create_completion(
             prompt_tokens, max_tokens=new_tokens, temperature=0.0, logit_bias={llm.token_eos(): -1e9}, stream=True)]
-        runs.append(((len(stamps) - 1) / (stamps[-1] - stamps[0]), llama_cpp.llama_perf_context(llm._ctx.ctx)))
+        runs.append(((len(stamps) - 1) / (stamps[-1] - stamps[0]), llama_cpp.llama_perf_context(context(llm))))
     rate, counters = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
     return {"prompt_tokens": len(prompt_tokens), "new_tokens": new_tokens, "decode_tok_s": round(rate, 2),
             "counters_prompt_tok_s": round(counters.n_p_eval / counters.t_p_eval_ms * 1000, 2),
@@ -210,14 +214,47 @@ def worker(spec_file: Path) -> int:
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 
-def median_answer_tokens(gguf_file: Path, examples: list[dict]) -> int:
+def median_answer_tokens_gguf(gguf_file: Path, examples: list[dict]) -> int:
     """The test split's median answer length in this model's tokens (the shape twin's fixed length)."""
     from llama_cpp import Llama
-    from stages.lib.task import build_completion
+    from stages.lib.task import median_answer_tokens
     llm = Llama(str(gguf_file), vocab_only=True, verbose=False)
-    lengths = [len(llm.tokenize(build_completion(e["action"], e["product"], e["quantity"]).encode(), add_bos=False))
-               for e in examples]
-    return int(statistics.median(lengths))
+    return median_answer_tokens(examples, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
+
+
+def variant_rows(slug: str, type_name: str, model: dict, path: Path, fixed: int, result: dict,
+                 bandwidth: dict) -> list[dict]:
+    """One row per decoding mode of one variant's worker result, with its share of the memory bandwidth."""
+    from stages.lib.llama_cpp_tools import weights_read_per_token
+    weights = weights_read_per_token(path)
+    naive = result["modes"].get("naive") or next(iter(result["modes"].values()))
+    rows = []
+    for mode, summary in result["modes"].items():
+        row = {"model": slug, "variant": type_name, "mode": mode, "source": model["source"],
+               "file_bytes": path.stat().st_size, "fixed_tokens": fixed,
+               **{k: v for k, v in result.items() if k not in ("modes", "plain_llama_cpp")}, **summary,
+               "weights_read_per_token_bytes": weights["bytes_per_token"],
+               "latency_vs_naive": round(summary["latency_mean_s"] / naive["latency_mean_s"], 4)}
+        row["bandwidth_share"] = round(summary["decode_tok_s"] * weights["bytes_per_token"]
+                                       / (bandwidth["read_gb_s"] * 1e9), 4)
+        if mode == "naive":
+            row["plain_llama_cpp"] = result["plain_llama_cpp"]
+            # medians on both sides: one slow request on a shared machine must not decide the verdict
+            row["decode_vs_plain"] = round(summary["decode_tok_s_median"] / result["plain_llama_cpp"]["decode_tok_s"], 4)
+        rows.append(row)
+    return rows
+
+
+def show(rows: list[dict], host: str, threads: int, bandwidth: dict) -> None:
+    """The summary table on the console (results.json has every number)."""
+    display = {f"{r['model']} {r.get('variant', '')} {r.get('mode', '')}": r if "skipped" in r else {
+        "load s": r["load_s"], "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
+        "e2e tok/s": r["e2e_tok_s"], "mean s": r["latency_mean_s"], "p95 s": r["latency_p95_s"],
+        "vs naive": r["latency_vs_naive"], "peak RSS MB": round(r["peak_rss_bytes"] / 1e6),
+        "of bandwidth": f"{r['bandwidth_share']:.0%}", "vs plain": r.get("decode_vs_plain", "")} for r in rows}
+    cli.show_results(f"CPU profile on {host} ({threads} threads, {bandwidth['read_gb_s']} GB/s read)", display,
+                     ["load s", "prompt tok/s", "decode tok/s", "e2e tok/s", "mean s", "p95 s", "vs naive",
+                      "peak RSS MB", "of bandwidth", "vs plain"])
 
 
 def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
@@ -231,7 +268,6 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     if cli.already_done(stage, args):
         return 0
     import llama_cpp
-    from stages.lib.llama_cpp_tools import weights_read_per_token
     from stages.lib.task import ANSWER_TOKENS, build_prompt
     test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
@@ -251,7 +287,7 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
                              "skipped": f"not built: add {type_name} to [gguf] types"})
                 continue
             path = run_dir / "gguf" / slug / model["variants"][type_name]["file"]
-            fixed = median_answer_tokens(path, test) if model["source"] == "shape" else 0
+            fixed = median_answer_tokens_gguf(path, test) if model["source"] == "shape" else 0
             cli.console.rule(f"{slug} {type_name}" + (f" (shape twin: {fixed} tokens, EOS off)" if fixed else ""))
             name = f"{slug}__{type_name}"
             spec = {"path": str(path), "prompts": prompts, "modes": cfg.modes, "warmup": cfg.warmup, "threads": threads,
@@ -262,23 +298,9 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
             try:
                 result = hardware.run_worker("stages.profile_cpu", spec, cfg.timeout_s)
             except RuntimeError as err:
-                cli.console.print(f"[red]profile-cpu failed[/red] {err}")
+                cli.console.print(Text.assemble(("profile-cpu failed ", "red"), str(err)))
                 return 1
-            weights = weights_read_per_token(path)
-            naive = result["modes"].get("naive") or next(iter(result["modes"].values()))
-            for mode, summary in result["modes"].items():
-                row = {"model": slug, "variant": type_name, "mode": mode, "source": model["source"],
-                       "file_bytes": path.stat().st_size, "fixed_tokens": fixed,
-                       **{k: v for k, v in result.items() if k not in ("modes", "plain_llama_cpp")}, **summary,
-                       "weights_read_per_token_bytes": weights["bytes_per_token"],
-                       "latency_vs_naive": round(summary["latency_mean_s"] / naive["latency_mean_s"], 4)}
-                row["bandwidth_share"] = round(summary["decode_tok_s"] * weights["bytes_per_token"]
-                                               / (bandwidth["read_gb_s"] * 1e9), 4)
-                if mode == "naive":
-                    row["plain_llama_cpp"] = result["plain_llama_cpp"]
-                    # medians on both sides: one slow request on a shared machine must not decide the verdict
-                    row["decode_vs_plain"] = round(summary["decode_tok_s_median"] / result["plain_llama_cpp"]["decode_tok_s"], 4)
-                rows.append(row)
+            rows += variant_rows(slug, type_name, model, path, fixed, result, bandwidth)
     fingerprint = {**facts, "host_id": host, "llama_cpp_python": llama_cpp.__version__,
                    "llama_cpp_commit": manifests["gguf"]["results"].get("llama_cpp_commit"),
                    "llama_cpp_cpu_features": llama_cpp.llama_print_system_info().decode().strip()}
@@ -286,14 +308,7 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     artifacts.write_json(out / "results.json", {"host": host, "bandwidth": bandwidth, "rows": rows})
     stage.results.update(host=host, fingerprint=fingerprint, bandwidth=bandwidth, rows=rows)
     stage.publish()
-    display = {f"{r['model']} {r.get('variant', '')} {r.get('mode', '')}": r if "skipped" in r else {
-        "load s": r["load_s"], "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
-        "e2e tok/s": r["e2e_tok_s"], "mean s": r["latency_mean_s"], "p95 s": r["latency_p95_s"],
-        "vs naive": r["latency_vs_naive"], "peak RSS MB": round(r["peak_rss_bytes"] / 1e6),
-        "of bandwidth": f"{r['bandwidth_share']:.0%}", "vs plain": r.get("decode_vs_plain", "")} for r in rows}
-    cli.show_results(f"CPU profile on {host} ({threads} threads, {bandwidth['read_gb_s']} GB/s read)", display,
-                     ["load s", "prompt tok/s", "decode tok/s", "e2e tok/s", "mean s", "p95 s", "vs naive",
-                      "peak RSS MB", "of bandwidth", "vs plain"])
+    show(rows, host, threads, bandwidth)
     return 0
 
 

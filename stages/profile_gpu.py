@@ -98,7 +98,7 @@ def load_variant(variant: str, path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cuda:0")
-    return TransformersBackend(model, AutoTokenizer.from_pretrained(path), f"nf4 {path}")
+    return TransformersBackend(model, AutoTokenizer.from_pretrained(path))
 
 
 def timed_request(model, tokenizer, prompt: str, fixed: int, max_tokens: int) -> dict:
@@ -201,12 +201,12 @@ def gpu_facts() -> dict:
             "driver": (hardware.gpus() or [{}])[0].get("driver"), "gptqmodel": metadata.version("gptqmodel")}
 
 
-def median_answer_tokens(tokenizer_dir: str, examples: list[dict]) -> int:
+def median_answer_tokens_hf(tokenizer_dir: str, examples: list[dict]) -> int:
+    """The test split's median answer length in this model's tokens (the shape twin's fixed length)."""
     from transformers import AutoTokenizer
-    from stages.lib.task import build_completion
+    from stages.lib.task import median_answer_tokens
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return int(statistics.median(len(tok(build_completion(e["action"], e["product"], e["quantity"]),
-                                          add_special_tokens=False)["input_ids"]) for e in examples))
+    return median_answer_tokens(examples, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
 
 
 def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
@@ -238,7 +238,7 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
         if "skipped" in source:
             rows.append({"model": slug, "skipped": source["skipped"]})
             continue
-        fixed = median_answer_tokens(source["path"], test) if source["kind"] == "shape" else 0
+        fixed = median_answer_tokens_hf(source["path"], test) if source["kind"] == "shape" else 0
         paths = {"fp16": source["path"], "nf4": source["path"], "gptq": str(run_dir / "gptq" / slug)}
         for variant in cfg.variants:
             if variant == "gptq" and not (run_dir / "gptq" / slug / "quantize_config.json").is_file():

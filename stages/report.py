@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import artifacts, cli
-from stages.lib import report_figures as figures
+from stages import report_figures as figures
 from stages.lib.config import as_dict, require
 
 PACKAGES = ["matplotlib"]
@@ -41,7 +41,9 @@ PAPER = {
             "GGUF Q4_K_M": {"tok_s": 19.5, "ram_gb": "0.93-1.14", "mean_s": 0.82, "p95_s": 1.16},
             "GGUF Q3_K_M": {"tok_s": 13.0, "ram_gb": "0.93-1.14", "mean_s": 1.23, "p95_s": 1.79}},
 }
-MODES = ("naive", "prefix_cached", "prefix_cached_constrained")
+# profile-cpu's decoding modes, as the prefix-cache table heads them
+MODE_HEADERS = {"naive": "naive mean s", "prefix_cached": "prefix-cached mean s",
+                "prefix_cached_constrained": "+ constrained mean s"}
 # Section 3.4.1's fine-tuning recipe: a run's finetune config is compared key by key (the why of each
 # deviation sits next to its value in the run's config file).
 PAPER_RECIPE = {"load_in_4bit": True, "quant_type": "nf4", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.15,
@@ -328,14 +330,8 @@ def render(blocks: list[tuple], out: Path) -> None:
                                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>", encoding="utf-8")
 
 
-def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
-    """Every table (as numbers and as text) and figure; returns the tables for tables.json."""
-    fig_dir = out / "figures"
-    fig_dir.mkdir()
-    sizes = variant_sizes(data["manifests"])
-    accuracy = accuracy_rows(data)
-    cpu, gpu = cpu_rows(data, accuracy, sizes), gpu_rows(data)
-    recommendation = recommend(accuracy, cpu, gpu, sizes, cfg.accuracy_margin)
+def intro_blocks(run_name: str, data: dict) -> list[tuple]:
+    """The title, and what the run's base models mean for its numbers."""
     kinds = {r.get("kind") for r in data["manifests"].get("base", {}).get("results", {}).get("models", {}).values()}
     blocks: list[tuple] = [("h1", f"Cart-intent SLM report: run {run_name}")]
     if "tiny" in kinds or "shape" in kinds:
@@ -345,12 +341,17 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
                              "its accuracy is meaningless)", "shape" in kinds)) if on) +
             f". Paper columns are the published values on their hardware (CPU: {PAPER['cpu_hardware']}; GPU: "
             f"{PAPER['gpu_hardware']})."))
+    return blocks
 
-    blocks += [("h2", "Table 2: accuracy"),
-               ("table", ["model", "exact match", "95% CI", "JSON valid", "constrained EM", "McNemar vs FP16", "paper"],
-                [[r["label"], "skipped: " + r["skipped"], "", "", "", "", ""] if "skipped" in r else
-                 [r["label"], fmt(r["exact_match"]), fmt(r["ci95"]), fmt(r["json_valid"]), fmt(r.get("constrained")),
-                  r.get("mcnemar", "–"), fmt(r.get("paper"))] for r in accuracy])]
+
+def accuracy_blocks(accuracy: list[dict], fig_dir: Path) -> list[tuple]:
+    """Table 2 and the accuracy figures."""
+    blocks: list[tuple] = [
+        ("h2", "Table 2: accuracy"),
+        ("table", ["model", "exact match", "95% CI", "JSON valid", "constrained EM", "McNemar vs FP16", "paper"],
+         [[r["label"], "skipped: " + r["skipped"], "", "", "", "", ""] if "skipped" in r else
+          [r["label"], fmt(r["exact_match"]), fmt(r["ci95"]), fmt(r["json_valid"]), fmt(r.get("constrained")),
+           r.get("mcnemar", "–"), fmt(r.get("paper"))] for r in accuracy])]
     scored = [r for r in accuracy if r.get("exact_match") is not None]
     if scored:
         blocks.append(("figure", figures.accuracy(scored, fig_dir / "fig2_accuracy.png"),
@@ -359,11 +360,12 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     if tuned:
         blocks.append(("figure", figures.breakdown(tuned, fig_dir / "accuracy_breakdown.png"),
                        "Accuracy per language and per noise kind, per fine-tuned variant"))
+    return blocks
 
-    blocks += other_sets_blocks(data)
-    blocks += training_blocks(data["manifests"].get("finetune", {}), fig_dir)
 
-    blocks.append(("h2", "Table 3: CPU trade-offs (llama.cpp, batch 1)"))
+def cpu_blocks(cpu: list[dict], points: list[dict], fig_dir: Path) -> list[tuple]:
+    """Table 3, the prefix-cache table and the CPU figures (points: the Pareto figure's)."""
+    blocks: list[tuple] = [("h2", "Table 3: CPU trade-offs (llama.cpp, batch 1)")]
     if cpu:
         blocks.append(("p", "decode tok/s: generated tokens after the first over decode time; end-to-end tok/s: generated "
                             "tokens over the whole request (the paper's figure). RAM: peak RSS of the variant's own process."))
@@ -374,9 +376,9 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
                          fmt(r["load_s"], 2), fmt(100 * r["bandwidth_share"], 0), fmt(r["paper_tok_s"], 1),
                          fmt(r["paper_ram"]), f"{fmt(r['paper_latency_mean_s'], 2)} / {fmt(r['paper_p95_s'], 2)}"] for r in cpu]))
         blocks.append(("h2", "Prefix cache and constrained decoding (beyond the paper)"))
-        blocks.append(("table", ["host", "variant", "naive mean s", "prefix-cached mean s", "+ constrained mean s",
+        blocks.append(("table", ["host", "variant", *MODE_HEADERS.values(),
                                  "prefix vs naive", "+ constrained vs naive", "identical outputs (prefix)", "decode vs plain llama-cpp"],
-                       [[r["host"], r["variant"], *(fmt(r["modes"].get(m, {}).get("mean_s")) for m in MODES),
+                       [[r["host"], r["variant"], *(fmt(r["modes"].get(m, {}).get("mean_s")) for m in MODE_HEADERS),
                          fmt(r["modes"].get("prefix_cached", {}).get("vs_naive"), 2),
                          fmt(r["modes"].get("prefix_cached_constrained", {}).get("vs_naive"), 2),
                          fmt(r["modes"].get("prefix_cached", {}).get("identical_to_naive"), 2),
@@ -387,14 +389,17 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
                     "Figure 7: CPU latency per request, mean and P95, without and with the prefix cache"),
                    ("figure", figures.bandwidth(cpu, fig_dir / "bandwidth_share.png"),
                     "Share of the measured memory bandwidth reached by batch-1 decoding")]
-        points = pareto_points(accuracy, cpu, sizes)
         if points:
             blocks.append(("figure", figures.pareto(points, fig_dir / "pareto.png"),
                            "Accuracy vs speed vs memory of the GGUF variants"))
     else:
         blocks.append(("p", "No CPU profile in this run (run `make profile-cpu`)."))
+    return blocks
 
-    blocks.append(("h2", "GPU: FP16 vs GPTQ"))
+
+def gpu_blocks(gpu: list[dict], skipped: dict, fig_dir: Path) -> list[tuple]:
+    """The FP16 vs GPTQ table and figures, or why there are none."""
+    blocks: list[tuple] = [("h2", "GPU: FP16 vs GPTQ")]
     if gpu:
         batches = sorted({b for r in gpu for b in r["batched"]})
         blocks.append(("table", ["host", "GPU", "variant", "VRAM GB", "params GB", "load s", "decode tok/s", "e2e tok/s",
@@ -411,13 +416,14 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
                    ("figure", figures.gpu_speed_energy(gpu, fig_dir / "fig4_gpu_speed_energy.png"),
                     "Figure 4: GPU speed and energy per generated token")]
     else:
-        reasons = "; ".join(f"{h}: {why}" for h, why in data["gpu_skipped"].items()) or "run `make profile-gpu` on a GPU host"
+        reasons = "; ".join(f"{h}: {why}" for h, why in skipped.items()) or "run `make profile-gpu` on a GPU host"
         blocks.append(("p", f"No GPU profile in this run ({reasons})."))
-    if cpu or gpu:
-        blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
-                       "Figure 6: load time of each variant"))
+    return blocks
 
-    blocks.append(("h2", "Deployment recommendation (the paper's section 5.3, computed from this run)"))
+
+def recommendation_blocks(recommendation: dict) -> list[tuple]:
+    """The paper's section 5.3, in sentences computed from this run."""
+    blocks: list[tuple] = [("h2", "Deployment recommendation (the paper's section 5.3, computed from this run)")]
     lines = []
     if "most_accurate" in recommendation:
         best = recommendation["most_accurate"]
@@ -431,8 +437,12 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
             fast = recommendation[key]
             lines.append(f"Fastest on {where} ({fast['host']}): {fast['variant']} ({fmt(fast['e2e_tok_s'], 1)} tok/s end to end).")
     blocks += [("p", line) for line in lines or [recommendation.get("note", "")]]
+    return blocks
 
-    blocks.append(("h2", "Environment"))
+
+def environment_blocks(data: dict) -> list[tuple]:
+    """Hosts, package versions, the llama.cpp commit and every stage's hashes."""
+    blocks: list[tuple] = [("h2", "Environment")]
     blocks.append(("table", ["host", "CPU", "cores", "ISA", "RAM GB", "GPU", "OS"],
                    [[h, f["cpu_model"], str(f.get("usable_cores", f.get("cores"))), " ".join(f.get("isa", [])),
                      fmt(f.get("ram_bytes", 0) / 2**30, 1), ", ".join(g["name"] for g in f.get("gpus", [])) or "–",
@@ -450,6 +460,25 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
                      " ".join(str(v) for v in (m.get("runner") or {}).values()) if isinstance(m.get("runner"), dict)
                      else str(m.get("runner") or "local"), m.get("finished", ""), fmt(m.get("wall_s"), 1)]
                     for folder, m in data["manifests"].items()]))
+    return blocks
+
+
+def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
+    """Every table (as numbers and as text) and figure; returns the tables for tables.json."""
+    fig_dir = out / "figures"
+    fig_dir.mkdir()
+    sizes = variant_sizes(data["manifests"])
+    accuracy = accuracy_rows(data)
+    cpu, gpu = cpu_rows(data, accuracy, sizes), gpu_rows(data)
+    recommendation = recommend(accuracy, cpu, gpu, sizes, cfg.accuracy_margin)
+    blocks = [*intro_blocks(run_name, data), *accuracy_blocks(accuracy, fig_dir), *other_sets_blocks(data),
+              *training_blocks(data["manifests"].get("finetune", {}), fig_dir),
+              *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir),
+              *gpu_blocks(gpu, data["gpu_skipped"], fig_dir)]
+    if cpu or gpu:
+        blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
+                       "Figure 6: load time of each variant"))
+    blocks += [*recommendation_blocks(recommendation), *environment_blocks(data)]
     render(blocks, out)
     return {"accuracy": accuracy, "cpu": cpu, "gpu": gpu, "recommendation": recommendation,
             "figures": sorted(p.name for p in fig_dir.glob("*.png"))}

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from stages.lib import api_client
-from stages.lib.api_client import ApiUnavailable, OpenAICompatible, ResponseCache
+from stages.lib.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
 
 ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "{}"}}],
@@ -23,8 +23,8 @@ def closed_port() -> int:
 
 
 def client(port, tmp_path, logs, **kwargs):
-    return OpenAICompatible("m", f"http://127.0.0.1:{port}/v1", "NO_SUCH_KEY_VARIABLE", ResponseCache(
-        tmp_path / "cache.jsonl"), timeout_s=5, log=logs.append, **kwargs)
+    settings = ApiSettings(base_url=f"http://127.0.0.1:{port}/v1", key_env="NO_SUCH_KEY_VARIABLE", timeout_s=5, **kwargs)
+    return OpenAICompatible("m", settings, ResponseCache(tmp_path / "cache.jsonl"), "test.max_requests", log=logs.append)
 
 
 def test_dead_endpoint_fails_within_the_connect_grace(tmp_path, monkeypatch):
@@ -66,3 +66,11 @@ def test_rate_limit_waits_for_retry_after(tmp_path):
         server.shutdown()
     assert answer.text == "{}" and len(calls) == 2 and calls[1] - calls[0] >= 0.55
     assert "RateLimitError, retry 1/3 in 0.6 s" in logs[0]
+
+
+def test_payload_extras_are_part_of_the_request_and_its_cache_key(tmp_path):
+    api = client(closed_port(), tmp_path, [])
+    plain, seeded = api.payload("hi", 4), api.payload("hi", 4, {"temperature": 1.0, "seed": 7})
+    assert plain == {"model": "m", "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    assert seeded == {**plain, "temperature": 1.0, "seed": 7}
+    assert len({api._key(plain), api._key(seeded), api._key(api.payload("hi", 4, {"temperature": 1.0, "seed": 8}))}) == 3

@@ -62,8 +62,8 @@ def test_open_weight_few_shot_and_unusable_models_are_skipped(quantized):
 def test_api_model_retries_a_late_server_then_reuses_the_cache(quantized):
     port = free_port()
     url = f"'http://127.0.0.1:{port}/v1'"
-    sets = ["baseline.models=[]", "baseline.api_models=['smoke-gguf']", f"baseline.api_base_url={url}",
-            "baseline.api_backoff_s=0.5", "baseline.api_max_retries=7", "baseline.api_concurrency=2"]
+    sets = ["baseline.models=[]", "baseline.api_models=['smoke-gguf']", f"baseline.api.base_url={url}",
+            "baseline.api.backoff_s=0.5", "baseline.api.max_retries=7", "baseline.api.concurrency=2"]
     gguf = quantized / "gguf" / "tiny" / "model-Q4_K_M.gguf"
     server = None
     try:
@@ -101,8 +101,8 @@ def test_api_model_retries_a_late_server_then_reuses_the_cache(quantized):
 def test_unreachable_endpoint_and_missing_key_are_skipped(quantized):
     port = free_port()
     proc = baseline(quantized.parent, "baseline.models=[]", "baseline.api_models=['down', 'gpt-4.1-nano']",
-                    "baseline.api_max_retries=1", "baseline.api_backoff_s=0.1",
-                    f"baseline.api_base_url='http://127.0.0.1:{port}/v1'")
+                    "baseline.api.max_retries=1", "baseline.api.backoff_s=0.1",
+                    f"baseline.api.base_url='http://127.0.0.1:{port}/v1'")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = manifest(quantized, "baseline")["results"]["rows"]
     assert all("failed 2 times: APIConnectionError" in r["skipped"] for r in rows)

@@ -15,6 +15,8 @@ from stages.gptq import GPTQConfig
 from stages.merge import MergeConfig
 from stages.profile_cpu import ProfileCPUConfig
 from stages.profile_gpu import ProfileGPUConfig
+from stages.report import ReportConfig
+from stages.lib.intent import ServeConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +31,15 @@ def write(tmp_path, text):
 
 STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
                  "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig,
-                 "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig}
+                 "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig, "report": ReportConfig,
+                 "serve": ServeConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     tables = read_tables(path)
     assert set(tables) <= set(KNOWN_SECTIONS)
+    assert set(STAGE_CONFIGS) == set(KNOWN_SECTIONS) - {"run"}   # every stage's config class, every file
     for section, cls in STAGE_CONFIGS.items():
         run, _ = load_stage_config(path, section, cls)
         assert run.name == path.stem
@@ -76,6 +80,29 @@ def test_bad_values_name_file_and_key(tmp_path, text, needle):
     assert str(path) in str(err.value) and needle in str(err.value)
 
 
+@pytest.mark.parametrize("section, text, override, needle", [
+    ("baseline", "[baseline.api]\nbase_url = 'ftp://x'\n", None, "baseline.api.base_url: expected"),
+    ("baseline", "", "baseline.api.retries=3", "baseline.api.retries: unknown key"),
+    ("baseline", "[baseline]\napi = 3\n", None, "baseline.api: expected a table"),
+    ("generate", "", "generate.api.mode='completion'", 'generate.api.mode: expected "chat"'),
+    ("generate", "[generate]\nllm_model = \"m\"\n", "generate.llm_model.x=1", "generate.llm_model: not a table"),
+    ("generate", "", "generate.llm_model.x=1", "generate.llm_model: expected str"),
+])
+def test_api_settings_are_one_checked_sub_table(tmp_path, section, text, override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_stage_config(write(tmp_path, text), section, STAGE_CONFIGS[section], [override] if override else [])
+    assert needle in str(err.value)
+
+
+def test_api_sub_table_from_file_and_override(tmp_path):
+    path = write(tmp_path, "[baseline.api]\nbase_url = 'http://127.0.0.1:8080/v1'\nconcurrency = 2\n")
+    _, cfg = load_stage_config(path, "baseline", BaselineConfig, ["baseline.api.max_retries=1"])
+    assert (cfg.api.base_url, cfg.api.concurrency, cfg.api.max_retries, cfg.api.max_requests) == (
+        "http://127.0.0.1:8080/v1", 2, 1, 5000)
+    _, generate = load_stage_config(path, "generate", GenerateConfig)
+    assert generate.api.max_requests == 20000 and generate.api.base_url == ""   # each stage its own table
+
+
 def test_override_parses_toml_values_and_is_checked(tmp_path):
     path = write(tmp_path, "[run]\nname = 't'\n")
     _, cfg = load_stage_config(path, "generate", GenerateConfig, ["generate.n_examples=600",
@@ -99,7 +126,6 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("model", ["../tiny", "/abs/tiny", "..", "a/b", "x\\\\y"])
 def test_serve_model_is_a_folder_name_not_a_path(model):
-    from stages.serve import ServeConfig
     with pytest.raises(ConfigError, match="serve.model"):
         load_stage_config(ROOT / "configs" / "smoke.toml", "serve", ServeConfig, [f"serve.model='{model}'"])
     _, cfg = load_stage_config(ROOT / "configs" / "smoke.toml", "serve", ServeConfig, ["serve.model='tiny'"])

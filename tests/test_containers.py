@@ -286,9 +286,9 @@ def _stage_targets() -> dict[str, str]:
     return dict(re.findall(r"^([a-z-]+):.*\n\t\$\(call STAGE,(\w+)\)", text, re.MULTILINE))
 
 
-@pytest.mark.parametrize("target", sorted({**_stage_targets(), "export": "lib.transfer", "import": "lib.transfer"}))
+@pytest.mark.parametrize("target", sorted({**_stage_targets(), "export": "transfer", "import": "transfer"}))
 def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
-    module = {**_stage_targets(), "export": "lib.transfer", "import": "lib.transfer"}[target]
+    module = {**_stage_targets(), "export": "transfer", "import": "transfer"}[target]
     archive = tmp_path / "run.tar.gz"
     common = [target, "CONFIG=configs/smoke.toml", "SET=generate.seed=7 run.seed=3", "GPU=0", f"FILE={archive}",
               "REALISTIC="]

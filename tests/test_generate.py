@@ -7,7 +7,7 @@ import pytest
 
 from stages import generate
 from stages.lib.artifacts import read_jsonl, read_manifest
-from stages.lib.noise import NOISE_KINDS
+from stages.generate_noise import NOISE_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")

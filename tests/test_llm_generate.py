@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE
-from stages.lib import metaprompt
+from stages import generate_metaprompt as metaprompt
 from stages.lib.catalog import load_catalog
 
 SECRET = "sk-test-do-not-write-me-4343"
@@ -74,17 +74,17 @@ def test_bad_backend_is_a_config_error(tmp_path):
 def test_budget_stop_resume_from_cache_and_identical_rerun(quantized, tmp_path):
     from test_baseline import free_port, start_server, wait_ready
     port = free_port()
-    llm = [f"generate.llm_base_url='http://127.0.0.1:{port}/v1'", "generate.llm_model='smoke-gguf'",
-           "generate.llm_max_attempts=2", "generate.llm_concurrency=3", "generate.llm_max_tokens=24",
-           "generate.llm_backoff_s=0.2", "generate.llm_max_retries=2"]
+    llm = [f"generate.api.base_url='http://127.0.0.1:{port}/v1'", "generate.llm_model='smoke-gguf'",
+           "generate.llm_max_attempts=2", "generate.api.concurrency=3", "generate.llm_max_tokens=24",
+           "generate.api.backoff_s=0.2", "generate.api.max_retries=2"]
     server = start_server(quantized / "gguf" / "tiny" / "model-Q4_K_M.gguf", port)
     try:
         wait_ready(port, server)
         run_dir = tmp_path / "smoke"
         # mixed: 15 of 30 examples by the LLM; a budget of 10 new requests stops it in the first round
         stopped = generate(tmp_path, "generate.backend='mixed'", "generate.llm_share=0.5",
-                           "generate.llm_max_requests=10", *llm, check=1)
-        assert "generate.llm_max_requests" in stopped.stderr and "Traceback" not in stopped.stderr
+                           "generate.api.max_requests=10", *llm, check=1)
+        assert "generate.api.max_requests" in stopped.stderr and "Traceback" not in stopped.stderr
         assert "15 of 30 examples" in stopped.stderr and "requests" in stopped.stderr   # the estimate, first
         assert not (run_dir / "data").exists()                                         # nothing published
         cached = (run_dir / ".cache" / "api" / "generate.jsonl").read_text().splitlines()

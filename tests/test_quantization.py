@@ -60,7 +60,7 @@ def test_gptq_folder_records_and_loads_in_gptqmodel_and_transformers(quantized):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
     assert any(hasattr(m, "qweight") for m in model.modules())
-    hf = TransformersBackend(model, backend.tokenizer, "transformers gptq")
+    hf = TransformersBackend(model, backend.tokenizer)
     assert hf.generate([PROMPT])[0].completion_tokens > 0
 
 

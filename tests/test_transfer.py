@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from stages.lib import transfer
+from stages import transfer
 from stages.lib.artifacts import sha256_file
 
 

@@ -18,6 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import require
+from .task import Completion
+
 OPENAI_URL = "https://api.openai.com/v1"
 CONNECT_GRACE_S = 10.0    # refused connections are retried this long in all (a server still starting), then given up
 MAX_RETRY_AFTER_S = 120.0  # a longer Retry-After is not waited for
@@ -28,12 +31,28 @@ class ApiUnavailable(Exception):
 
 
 @dataclass
-class ApiAnswer:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    cached: bool
+class ApiSettings:
+    """How to reach an OpenAI-compatible endpoint: the `api` sub-table of every stage that calls one
+    ([generate.api], [baseline.api])."""
+    base_url: str = ""                 # "": OpenAI; any OpenAI-compatible /v1 URL otherwise
+    key_env: str = "OPENAI_API_KEY"    # the variable's name; its value is never written anywhere
+    mode: str = "chat"                 # "chat" or "completion"
+    concurrency: int = 4
+    max_retries: int = 6               # per request, on 429/5xx/timeouts
+    backoff_s: float = 1.0             # first retry delay, doubled each time
+    timeout_s: float = 60.0
+    max_requests: int = 5000           # budget guard: new (uncached) requests in one run
+
+    def validate(self) -> None:
+        require(self.base_url == "" or self.base_url.startswith(("http://", "https://")), "base_url",
+                '"" (OpenAI) or an http(s):// URL')
+        require(self.key_env.replace("_", "").isalnum(), "key_env", "an environment variable name")
+        require(self.mode in ("chat", "completion"), "mode", '"chat" or "completion"')
+        for key in ("concurrency", "max_requests"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1")
+        require(self.max_retries >= 0, "max_retries", "an integer >= 0")
+        require(self.backoff_s >= 0, "backoff_s", "seconds >= 0")
+        require(self.timeout_s > 0, "timeout_s", "seconds > 0")
 
 
 class ResponseCache:
@@ -70,23 +89,26 @@ def retry_after_s(err) -> float | None:
 
 
 class OpenAICompatible:
-    def __init__(self, model: str, base_url: str, key_env: str, cache: ResponseCache, mode: str = "chat",
-                 concurrency: int = 4, max_retries: int = 6, timeout_s: float = 60, max_requests: int = 5000,
-                 backoff_s: float = 1.0, log=print):
+    """One model behind one endpoint. `budget_key` names the setting that raises the request budget, for the
+    message when it is spent (e.g. "baseline.api.max_requests")."""
+
+    def __init__(self, model: str, settings: ApiSettings, cache: ResponseCache, budget_key: str, log=print):
         import openai
-        self.base_url = (base_url or OPENAI_URL).rstrip("/")
-        key = os.environ.get(key_env, "")
+        self.base_url = (settings.base_url or OPENAI_URL).rstrip("/")
+        key = os.environ.get(settings.key_env, "")
         if not key and self.base_url == OPENAI_URL:
-            raise ApiUnavailable(f"{key_env} is not set")
+            raise ApiUnavailable(f"{settings.key_env} is not set")
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key or "not-needed", max_retries=0,
-                                    timeout=timeout_s)
-        self.model, self.cache, self.mode = model, cache, mode
-        self.concurrency, self.max_retries, self.backoff_s = concurrency, max_retries, backoff_s
-        self.budget, self.lock, self.log = max_requests, threading.Lock(), log
+                                    timeout=settings.timeout_s)
+        self.model, self.cache, self.mode = model, cache, settings.mode
+        self.concurrency, self.max_retries, self.backoff_s = settings.concurrency, settings.max_retries, settings.backoff_s
+        self.budget, self.budget_key, self.lock, self.log = settings.max_requests, budget_key, threading.Lock(), log
         self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
 
-    def _payload(self, prompt: str, max_tokens: int) -> dict:
-        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens}
+    def payload(self, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+        """The request body: greedy by default; `extra` adds or overrides fields (temperature, seed) and is
+        part of the cache key like everything else in the body."""
+        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens, **(extra or {})}
         if self.mode == "chat":
             return {**body, "messages": [{"role": "user", "content": prompt}]}
         return {**body, "prompt": prompt}
@@ -102,7 +124,7 @@ class OpenAICompatible:
         for attempt in range(self.max_retries + 1):
             with self.lock:
                 if self.budget <= 0:
-                    raise ApiUnavailable("request budget (baseline.api_max_requests) spent")
+                    raise ApiUnavailable(f"request budget ({self.budget_key}) spent")
                 self.budget -= 1
                 self.stats["requests"] += 1
             try:
@@ -125,15 +147,15 @@ class OpenAICompatible:
             except openai.APIStatusError as err:  # 400/401/403/404: retrying cannot help
                 raise ApiUnavailable(f"{self.base_url} answered {err.status_code} for model {self.model}") from None
 
-    def answer(self, prompt: str, max_tokens: int) -> ApiAnswer:
-        payload = self._payload(prompt, max_tokens)
+    def answer(self, prompt: str, max_tokens: int, extra: dict | None = None) -> Completion:
+        payload = self.payload(prompt, max_tokens, extra)
         key = self._key(payload)
         cached = self.cache.get(key)
         if cached:
             with self.lock:
                 self.stats["cache_hits"] += 1
-            return ApiAnswer(cached["text"], cached["prompt_tokens"], cached["completion_tokens"],
-                             cached["seconds"], True)
+            return Completion(cached["text"], cached["prompt_tokens"], cached["completion_tokens"],
+                              cached["seconds"], cached=True)
         began = time.perf_counter()
         response = self._call(payload)
         choice = response.choices[0]
@@ -143,17 +165,19 @@ class OpenAICompatible:
                   "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
                   "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         self.cache.put(record)
-        return ApiAnswer(text, record["prompt_tokens"], record["completion_tokens"], record["seconds"], False)
+        return Completion(text, record["prompt_tokens"], record["completion_tokens"], record["seconds"])
 
-    def answer_all(self, prompts: list[str], max_tokens: int, on_done=None) -> list[ApiAnswer]:
-        """Answers in prompt order; the first unrecoverable error stops the rest (cached answers stay)."""
+    def answer_all(self, prompts: list[str], max_tokens: int, on_done=None,
+                   extras: list[dict] | None = None) -> list[Completion]:
+        """Answers in prompt order (extras: one payload addition per prompt); the first unrecoverable error
+        stops the rest (cached answers stay)."""
         stop = threading.Event()
 
-        def one(prompt):
+        def one(prompt, extra):
             if stop.is_set():
                 raise ApiUnavailable("stopped after an earlier failure")
             try:
-                result = self.answer(prompt, max_tokens)
+                result = self.answer(prompt, max_tokens, extra)
             except ApiUnavailable:
                 stop.set()
                 raise
@@ -161,4 +185,4 @@ class OpenAICompatible:
                 on_done()
             return result
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(one, prompts))
+            return list(pool.map(one, prompts, extras or [None] * len(prompts)))

@@ -12,7 +12,6 @@ import ast
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -22,9 +21,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from . import hardware
+
 MANIFEST = "manifest.json"
 RESUME_STAMP = ".fingerprint.json"  # in a temporary folder: what the attempt that wrote it ran with
-LIB_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 class MissingArtifact(Exception):
@@ -47,33 +48,45 @@ def sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def lib_dependencies(source: Path) -> list[Path]:
-    """The stages/lib modules a file imports, transitively, and the data files (*.json) they name."""
+def code_dependencies(source: Path) -> list[Path]:
+    """The project modules a file imports, transitively (stages/lib modules and a stage's own
+    stages/<stage>_*.py helpers), and the data files (*.json) they name beside them."""
     found: dict[Path, None] = {}
+    data: set[Path] = set()
     pending = [source]
     while pending:
-        tree = ast.parse(pending.pop().read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module in ("stages.lib", None)):
-                names = [alias.name for alias in node.names] + ([node.module] if node.module else [])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages.lib."):
-                names = [node.module.removeprefix("stages.lib.")]
-            for name in names:
-                module = LIB_DIR / f"{name}.py"
-                if module.is_file() and module not in found:
-                    found[module] = None
-                    pending.append(module)
-    data = {LIB_DIR / f"{ref}.json" for m in [source, *found] for ref in
-            re.findall(r"[\"(]([a-z_]+)\.json", m.read_text(encoding="utf-8"))}
+        path = pending.pop()
+        text = path.read_text(encoding="utf-8")
+        data |= {path.parent / f"{ref}.json" for ref in re.findall(r"[\"(/]([a-z_]+)\.json", text)}
+        for module in imported_modules(ast.parse(text), path.parent):
+            if module.is_file() and module != source and module not in found:
+                found[module] = None
+                pending.append(module)
     return sorted(found) + sorted(p for p in data if p.is_file())
+
+
+def imported_modules(tree: ast.AST, folder: Path) -> list[Path]:
+    """Files of the `from X import Y` statements in tree that could be project modules (X or X.Y)."""
+    paths = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:  # from . import x, from .x import y: beside the importing file
+            base = folder.joinpath(*([".."] * (node.level - 1)), *(node.module or "").split(".")).resolve()
+        elif (node.module or "").split(".")[0] == "stages":
+            base = REPO_DIR.joinpath(*node.module.split("."))
+        else:
+            continue
+        paths += [base.with_suffix(".py")] + [base / f"{alias.name}.py" for alias in node.names]
+    return paths
 
 
 def code_hash(stage_file: str | Path) -> str:
     """Hash of the stage script and the library modules (and data files) it uses: changing the code a stage
     runs reruns it; editing a module it never imports does not."""
     stage = Path(stage_file).resolve()
-    return sha256_json({p.name: sha256_file(p) for p in [stage, *lib_dependencies(stage)]})
+    files = [stage, *code_dependencies(stage)]
+    return sha256_json({p.relative_to(REPO_DIR).as_posix(): sha256_file(p) for p in files})
 
 
 def package_versions(names: list[str]) -> dict[str, str]:
@@ -84,23 +97,6 @@ def package_versions(names: list[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def host_facts() -> dict:
-    facts = {"hostname": platform.node(), "os": platform.platform(), "machine": platform.machine(),
-             "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                facts["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    return facts
 
 
 def runner_facts() -> dict:
@@ -229,7 +225,7 @@ class StageRun:
         self.tmp_dir.rename(self.out_dir)
         manifest = {
             "stage": self.stage, **self.fingerprint, "config": self.config, "outputs": outputs,
-            "results": self.results, "packages": package_versions(self.packages), "host": host_facts(),
+            "results": self.results, "packages": package_versions(self.packages), "host": hardware.host_facts(),
             "runner": runner_facts(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - self.started, 3),

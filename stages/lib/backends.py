@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import constrained as schema_decoding
-from .task import ANSWER_TOKENS
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    model_calls: int = 0     # forward passes after the prompt's (free decoding: one per new token)
+from . import llama_internals
+from .task import ANSWER_TOKENS, Completion
 
 
 _SCHEMA = None
@@ -63,23 +54,21 @@ def agreement(outputs: list[str], reference: list[str]) -> float:
 
 
 class TransformersBackend:
-    """A causal LM in transformers (FP16/BF16 weights; CPU computes in float32)."""
-    kind = "transformers"
+    """A causal LM in transformers (FP16 weights; CPU computes in float32)."""
 
-    def __init__(self, model, tokenizer, label: str):
-        self.model, self.tokenizer, self.label = model, tokenizer, label
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
     @classmethod
-    def load(cls, path: Path, dtype: str = "float16") -> "TransformersBackend":
+    def load(cls, path: Path) -> "TransformersBackend":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         cuda = torch.cuda.is_available()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     device_map="auto" if cuda else "cpu")
-        return cls(model if cuda else model.float(), AutoTokenizer.from_pretrained(path), f"{dtype} {path}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="auto" if cuda else "cpu")
+        return cls(model if cuda else model.float(), AutoTokenizer.from_pretrained(path))
 
     def vocabulary(self) -> schema_decoding.Vocabulary:
         if not hasattr(self, "_vocabulary"):
@@ -142,10 +131,9 @@ class _TransformersStepper:
 
 class GPTQBackend(TransformersBackend):
     """A GPTQ folder loaded with gptqmodel; `kernel` names the quantized linear class it selected."""
-    kind = "gptq"
 
     @classmethod
-    def load(cls, path: Path, dtype: str = "float16") -> "GPTQBackend":
+    def load(cls, path: Path) -> "GPTQBackend":
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
         import torch
         from gptqmodel import GPTQModel
@@ -154,8 +142,8 @@ class GPTQBackend(TransformersBackend):
         # CPU: float32 activations, as for the FP16 models; gptqmodel's bfloat16 default there makes
         # batched and incremental decoding disagree on close calls
         quantized = GPTQModel.load(str(path), device="cuda:0" if cuda else "cpu",
-                                   dtype=getattr(torch, dtype) if cuda else torch.float32)
-        backend = cls(quantized.model, AutoTokenizer.from_pretrained(path), f"gptq {path}")
+                                   dtype=torch.float16 if cuda else torch.float32)
+        backend = cls(quantized.model, AutoTokenizer.from_pretrained(path))
         backend.kernel = ", ".join(sorted({type(m).__name__ for m in quantized.model.modules()
                                            if hasattr(m, "qweight")}))
         return backend
@@ -163,19 +151,24 @@ class GPTQBackend(TransformersBackend):
 
 class GGUFBackend:
     """A GGUF file run by llama.cpp through llama-cpp-python, one prompt at a time."""
-    kind = "gguf"
 
     def __init__(self, path: Path, n_ctx: int = 512, n_threads: int | None = None):
         from llama_cpp import Llama
-        self.label = str(path)
         self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
                          n_threads_batch=n_threads or os.cpu_count(), verbose=False)
+
+    @classmethod
+    def wrapping(cls, llm) -> "GGUFBackend":
+        """The back end over an already loaded llama_cpp.Llama (the server's own)."""
+        backend = cls.__new__(cls)
+        backend.llm = llm
+        return backend
 
     def vocabulary(self) -> schema_decoding.Vocabulary:
         if not hasattr(self, "_vocabulary"):
             import ctypes
             import llama_cpp
-            vocab, buffer, pieces = self.llm._model.vocab, ctypes.create_string_buffer(256), []
+            vocab, buffer, pieces = llama_internals.vocab(self.llm), ctypes.create_string_buffer(256), []
             for token in range(self.llm.n_vocab()):
                 n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
                 pieces.append(buffer.raw[:n].decode("utf-8", errors="replace") if n > 0 else "")
@@ -218,8 +211,7 @@ class _LlamaStepper:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def logits(self, ids: list[int]):
-        import numpy as np
         llm = self.llm
         llm.n_tokens = min(schema_decoding.common_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids), len(ids) - 1)
         llm.eval(ids[llm.n_tokens:])
-        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
+        return llama_internals.last_logits(llm).copy()

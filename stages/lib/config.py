@@ -80,6 +80,10 @@ def _check_type(value, tp, key: str):
             raise ConfigError(f"{key}: expected a table ({_type_name(tp)}), got {value!r}")
         _, val_tp = typing.get_args(tp)
         return {k: _check_type(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):  # a sub-table, e.g. [baseline.api]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table ([{key}]), got {value!r}")
+        return build(tp, value, key)
     if tp in (int, float, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
@@ -103,17 +107,18 @@ def build(cls, table: dict, section: str):
     return cfg
 
 
-def parse_override(text: str) -> tuple[str, str, object]:
-    """'section.key=value' -> (section, key, value); value read as TOML, else a string."""
+def parse_override(text: str) -> tuple[str, list[str], object]:
+    """'section.key=value' or 'section.table.key=value' -> (section, key path, value); value read as TOML,
+    else a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. generate.n_examples=600")
     dotted, raw = text.split("=", 1)
-    section, key = dotted.strip().split(".", 1)
+    section, *keys = [part.strip() for part in dotted.split(".")]
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return section, key.strip(), value
+    return section, keys, value
 
 
 def read_tables(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -133,9 +138,14 @@ def read_tables(path: str | Path, overrides: list[str] = ()) -> dict:
     for section, table in tables.items():
         check(section, table)
     for text in overrides:
-        section, key, value = parse_override(text)
+        section, keys, value = parse_override(text)
         check(section, tables.setdefault(section, {}))
-        tables[section][key] = value
+        table = tables[section]
+        for depth, key in enumerate(keys[:-1], 1):  # into a sub-table: baseline.api.base_url
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{'.'.join([section, *keys[:depth]])}: not a table, cannot set {'.'.join(keys)}")
+        table[keys[-1]] = value
     return tables
 
 

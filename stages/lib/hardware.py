@@ -47,19 +47,26 @@ def gpus() -> list[dict]:
     return found
 
 
-def fingerprint() -> dict:
-    """The facts that decide a benchmark's numbers on this host."""
+def host_facts() -> dict:
+    """The machine in a few cheap facts, for every manifest (no GPU query)."""
     info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
     ram = 0
     try:
         ram = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
     except (OSError, AttributeError):
         pass
-    return {"cpu_model": info.get("model name") or platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "isa": [f for f in ISA_FLAGS if f in flags], "ram_bytes": ram, "gpus": gpus(),
-            "machine": platform.machine(), "os": platform.platform(), "python": platform.python_version()}
+    return {"hostname": platform.node(), "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "ram_bytes": ram, "machine": platform.machine(), "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def fingerprint() -> dict:
+    """The facts that decide a benchmark's numbers on this host (the hostname is not one of them)."""
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    facts = {k: v for k, v in host_facts().items() if k != "hostname"}
+    return {**facts, "usable_cores": len(os.sched_getaffinity(0)), "isa": [f for f in ISA_FLAGS if f in flags],
+            "gpus": gpus()}
 
 
 def host_id(facts: dict) -> str:

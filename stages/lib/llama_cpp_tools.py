@@ -154,12 +154,16 @@ def feature_mismatch(cmake_args: str, system_info: str) -> list[str]:
 
 def check_installed(cmake_args: str) -> None:
     """Load the installed library in a fresh interpreter and compare what it was compiled for with cmake_args."""
-    info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
-                          check=True, capture_output=True, text=True).stdout
-    mismatch = feature_mismatch(cmake_args, info)
+    proc = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"installed llama.cpp does not load ({last}): rebuild with `rm -rf {sys.prefix} && make venv`")
+    mismatch = feature_mismatch(cmake_args, proc.stdout)
     if mismatch:
         raise SystemExit(f"installed llama.cpp does not match CMAKE_ARGS ({'; '.join(mismatch)}): "
                          f"rebuild with `rm -rf {sys.prefix} && make venv`")
+    print(f"llama.cpp loads and was compiled for what CMAKE_ARGS asked ({cmake_args or 'native'})")
 
 
 def install_converter(sdist: Path, version: str, dest: Path) -> str:
@@ -185,13 +189,13 @@ def install_converter(sdist: Path, version: str, dest: Path) -> str:
 
 def build(requirements: Path, cmake_args: str, cache: Path) -> None:
     """`make venv`: the pinned sdist -> a wheel compiled for cmake_args (cached by build key) -> installed
-    here and checked -> the converter from the same sdist, with the build recorded in BUILD.json."""
+    here without its dependencies (the requirement files pin those; `check` runs once they are in) -> the
+    converter from the same sdist, with the build recorded in BUILD.json."""
     version = pinned_version(requirements)
     sdist = fetch_sdist(version, cache / "sdist")
     wheel = build_wheel(sdist, cmake_args, cache / f"{version}-{build_key(version, cmake_args)}")
     subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
                     "--force-reinstall", str(wheel)], check=True)
-    check_installed(cmake_args)
     target = tools_dir()
     commit = install_converter(sdist, version, target)
     (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args,
@@ -200,10 +204,13 @@ def build(requirements: Path, cmake_args: str, cache: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv)\n"
+    usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv: compile, install)\n"
+             "       llama_cpp_tools.py check CMAKE_ARGS   (make venv, after the requirements: loads, as asked)\n"
              "       llama_cpp_tools.py install   (converter of the installed version, for images)")
     if argv[:1] == ["build"] and len(argv) == 4:
         build(Path(argv[1]), argv[2], Path(argv[3]))
+    elif argv[:1] == ["check"] and len(argv) == 2:
+        check_installed(argv[1])
     elif argv == ["install"]:
         version, target = metadata.version(PACKAGE), tools_dir()
         with tempfile.TemporaryDirectory() as tmp:
@@ -214,4 +221,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except subprocess.CalledProcessError as err:  # pip said why above; one line for where it stopped
+        raise SystemExit(f"{' '.join(map(str, err.cmd[:5]))} ... failed with exit code {err.returncode}") from None

@@ -6,6 +6,7 @@ or a score means the same thing everywhere.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import MissingArtifact
@@ -21,6 +22,17 @@ INSTRUCTION = (
     "Extract the shopping cart intent from the message as JSON with action (add or remove), "
     "product (catalog name) and quantity (integer)."
 )
+
+
+@dataclass
+class Completion:
+    """What a model answered to one prompt, from any back end or API."""
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    model_calls: int = 0     # forward passes after the prompt's (free decoding: one per new token; APIs: 0)
+    cached: bool = False     # an API answer read back from the response cache (nothing paid)
 
 
 def format_answer(action: str, product: str, quantity: int) -> str:
@@ -43,6 +55,14 @@ def build_prompt(text: str, examples: list[dict] = ()) -> str:
 
 def build_completion(action: str, product: str, quantity: int) -> str:
     return " " + format_answer(action, product, quantity)
+
+
+def median_answer_tokens(examples: list[dict], count_tokens) -> int:
+    """The median length of the examples' completions in a model's tokens (count_tokens: text -> int);
+    the shape twin generates exactly this many tokens, so its timing stands for real answers."""
+    import statistics
+    return int(statistics.median(count_tokens(build_completion(e["action"], e["product"], e["quantity"]))
+                                 for e in examples))
 
 
 def parse_output(text) -> dict | None:

@@ -14,9 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
-from .cli import console
-from .catalog import DOZEN, LANGUAGES, NUMBER_WORDS, load_catalog
-from .task import INSTRUCTION, format_answer
+from stages.lib.cli import console
+from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, load_catalog
+from stages.lib.task import INSTRUCTION, format_answer
 
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                     "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
@@ -141,7 +141,7 @@ def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path) ->
     import torch
     from rich.progress import Progress
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from .generation import exact_match_rate
+    from stages.lib.generation import exact_match_rate
     torch.manual_seed(seed)
     rng = random.Random(seed)
     corpus = build_corpus(train, cfg, rng)

@@ -11,7 +11,7 @@ import random
 import re
 import unicodedata
 
-from .catalog import NUMBER_WORDS, Catalog
+from stages.lib.catalog import NUMBER_WORDS, Catalog
 
 LANGUAGE_NAMES = {"en": "English", "hr": "Croatian", "es": "Spanish"}
 STYLES = {
@@ -146,19 +146,6 @@ def clean_reply(reply: str) -> str:
     return unicodedata.normalize("NFC", " ".join(reply.strip().strip('"“”\'').split()))
 
 
-class _SeededClient:
-    """Payload hook for api_client.OpenAICompatible: each prompt travels as (text, seed), so attempt k of
-    example i is its own cached request with its own sampling seed."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-
-    def __call__(self, client, prompt, max_tokens: int) -> dict:
-        text, seed = prompt
-        return {"model": client.model, "temperature": self.temperature, "max_tokens": max_tokens, "seed": seed,
-                "messages": [{"role": "user", "content": text}]}
-
-
 def estimate(n: int, prompt_chars: int, max_tokens: int, price_per_1k: float) -> dict:
     """Requests and cost of one attempt per example (~4 characters a token); retries add to it."""
     tokens = n * (prompt_chars / 4 + max_tokens)
@@ -173,13 +160,8 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
     template text (counted as a fallback). Raises api_client.ApiUnavailable when the endpoint or the budget
     gives out: every answer received so far is in the cache, so a rerun resumes there.
     """
-    from .api_client import OpenAICompatible, ResponseCache
-    client = OpenAICompatible(cfg.llm_model, cfg.llm_base_url, cfg.llm_api_key_env, ResponseCache(cache_path),
-                              concurrency=cfg.llm_concurrency, max_retries=cfg.llm_max_retries,
-                              timeout_s=cfg.llm_timeout_s, max_requests=cfg.llm_max_requests,
-                              backoff_s=cfg.llm_backoff_s, log=log)
-    payload = _SeededClient(cfg.llm_temperature)
-    client._payload = lambda prompt, max_tokens: payload(client, prompt, max_tokens)
+    from stages.lib.api_client import OpenAICompatible, ResponseCache
+    client = OpenAICompatible(cfg.llm_model, cfg.api, ResponseCache(cache_path), "generate.api.max_requests", log=log)
     for ex in examples:
         ex.setdefault("source", "template")
     # every template text counts as taken (a fallback keeps its own), so no text appears twice in the dataset
@@ -193,11 +175,13 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
         for i in pending:
             rng = random.Random(f"{cfg.seed}/{i}/{k}")
             style, noise = plan(rng, examples[i]["lang"], cfg.noise)
-            requests.append((style, noise, (build_prompt(examples[i], style, noise, catalog), rng.randrange(2**31))))
-        answers = client.answer_all([r[2] for r in requests], cfg.llm_max_tokens)
+            # attempt k of example i: its own sampling seed, so its own cached request
+            extra = {"temperature": cfg.llm_temperature, "seed": rng.randrange(2**31)}
+            requests.append((style, noise, build_prompt(examples[i], style, noise, catalog), extra))
+        answers = client.answer_all([r[2] for r in requests], cfg.llm_max_tokens, extras=[r[3] for r in requests])
         attempts += len(requests)
         still = []
-        for i, (style, noise, _), answer in zip(pending, requests, answers):
+        for i, (style, noise, _, _), answer in zip(pending, requests, answers):
             reason = check_reply(answer.text, examples[i], catalog)
             key = " ".join(clean_reply(answer.text).casefold().split())
             if reason is None and key in seen:
@@ -220,7 +204,7 @@ def run_backend(examples: list[dict], cfg, catalog: Catalog, cache_path, log) ->
 
     None (after one clear line) when the endpoint or the request budget gives out.
     """
-    from .api_client import ApiUnavailable
+    from stages.lib.api_client import ApiUnavailable
     n = len(examples)
     if cfg.backend == "llm":
         indices = list(range(n))
@@ -230,12 +214,11 @@ def run_backend(examples: list[dict], cfg, catalog: Catalog, cache_path, log) ->
     guess = estimate(len(indices), chars, cfg.llm_max_tokens, cfg.llm_price_per_1k_tokens)
     log(f"llm backend: {len(indices)} of {n} examples by {cfg.llm_model}; first attempts ~{guess['requests']} "
         f"requests, ~{guess['tokens']} tokens, ~${guess['cost']} at ${cfg.llm_price_per_1k_tokens}/1k tokens "
-        f"(cached answers are free; budget {cfg.llm_max_requests} new requests)")
+        f"(cached answers are free; budget {cfg.api.max_requests} new requests)")
     try:
         result = rewrite_with_llm(examples, indices, cfg, catalog, cache_path, log)
     except ApiUnavailable as err:
-        reason = str(err).replace("baseline.api_max_requests", "generate.llm_max_requests")
-        log(f"[red]llm backend stopped[/red]: {reason}; nothing published, answers so far are cached in "
+        log(f"llm backend stopped: {err}; nothing published, answers so far are cached in "
             f"{cache_path}, so a rerun resumes there")
         return None
     result["estimate"] = guess

@@ -6,9 +6,9 @@ checks that every folder's files are exactly its manifest's outputs (nothing mis
 every size and SHA-256 equal) and only then renames each folder into place, so no stage ever reads a
 corrupted or half-copied run. Archives holding links, devices or paths outside the run are refused.
 
-    python -m stages.lib.transfer export --config configs/tiny.toml        # -> artifacts/tiny.tar.gz
-    python -m stages.lib.transfer export --config configs/paper.toml --stages merge,gptq,profiles --out gpu.tar.gz
-    python -m stages.lib.transfer import gpu.tar.gz [--artifacts-dir artifacts]
+    python -m stages.transfer export --config configs/tiny.toml        # -> artifacts/tiny.tar.gz
+    python -m stages.transfer export --config configs/paper.toml --stages merge,gptq,profiles --out gpu.tar.gz
+    python -m stages.transfer import gpu.tar.gz [--artifacts-dir artifacts]
 
 Exit codes: 0 ok, 2 bad usage or config, 3 a stage folder or an archive that does not match its manifests.
 """
@@ -32,9 +32,9 @@ from pathlib import Path, PurePosixPath
 
 from rich.table import Table
 
-from .artifacts import MANIFEST, read_manifest, sha256_file
-from .cli import EXIT_CONFIG, EXIT_OK, EXIT_UPSTREAM, console
-from .config import ConfigError, RunConfig, load_stage_config
+from stages.lib.artifacts import MANIFEST, read_manifest, sha256_file
+from stages.lib.cli import EXIT_CONFIG, EXIT_OK, EXIT_UPSTREAM, console
+from stages.lib.config import ConfigError, RunConfig, load_stage_config
 
 INDEX = "cart-intent-transfer.json"  # an archive's first member: its run and its folders' manifest hashes
 STAGE_DEPTH = 3                      # profiles/<host-id>/cpu is the deepest stage folder

@@ -1,14 +1,14 @@
 """Text noise for synthetic user messages, each kind a small seeded function.
 
 Every function takes the text, the language, a `random.Random` and the lexicons
-from templates.json, and returns the new text. None of them touches a digit or a
+from generate_templates.json, and returns the new text. None of them touches a digit or a
 number word, so the ground-truth quantity always survives.
 """
 from __future__ import annotations
 
 import re
 
-from .catalog import NUMBER_WORDS
+from stages.lib.catalog import NUMBER_WORDS
 
 NOISE_KINDS = ("greeting", "signoff", "slang", "brand", "unrelated_number", "code_switch",
                "typo", "emoji", "casing", "punctuation")

@@ -1,0 +1,86 @@
+"""The code's shape: short functions, stages that never import each other, helpers beside the one stage that
+uses them, stages/lib only for what two or more stages share, code hashes that follow the imports."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from stages.lib import artifacts
+from stages.lib.artifacts import code_dependencies, code_hash
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+MAX_FUNCTION_LINES = 60
+
+
+def tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def defines_main(path: Path) -> bool:
+    return any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree(path).body)
+
+
+COMMANDS = sorted(p for p in STAGES.glob("*.py") if p.name != "__init__.py" and defines_main(p))
+HELPERS = sorted(p for p in STAGES.glob("*.py") if p.name != "__init__.py" and not defines_main(p))
+
+
+def test_the_layout_is_what_this_file_expects():
+    names = {p.stem for p in COMMANDS}
+    assert {"generate", "base", "finetune", "merge", "gptq", "gguf", "evaluate", "report", "serve", "predict",
+            "transfer", "clean"} <= names
+    assert {p.stem for p in HELPERS} >= {"report_figures", "base_tiny", "generate_noise"}
+
+
+@pytest.mark.parametrize("path", sorted(STAGES.rglob("*.py")), ids=lambda p: str(p.relative_to(STAGES)))
+def test_no_function_is_longer_than_a_screen(path):
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree(path))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long
+
+
+def imported_stage_files(path: Path) -> set[Path]:
+    """The files directly under stages/ that path imports."""
+    return {p for p in artifacts.imported_modules(tree(path), path.parent) if p.parent == STAGES and p.is_file()}
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.stem)
+def test_a_stage_imports_no_other_stage(path):
+    assert not imported_stage_files(path) & set(COMMANDS)
+
+
+@pytest.mark.parametrize("helper", HELPERS, ids=lambda p: p.stem)
+def test_a_helper_sits_beside_the_one_stage_that_uses_it(helper):
+    users = {p.stem for p in STAGES.glob("*.py") if helper in imported_stage_files(p)}
+    owners = [p.stem for p in COMMANDS if helper.stem.startswith(p.stem + "_")]
+    assert len(owners) == 1, f"{helper.name}: name it <stage>_<what>.py after the stage that uses it"
+    assert users == set(owners), f"{helper.name} is used by {sorted(users)}: move it to stages/lib if shared"
+
+
+def test_every_lib_module_is_shared_by_two_stages():
+    users: dict[str, set[str]] = {}
+    for command in COMMANDS:
+        for dependency in code_dependencies(command):
+            if dependency.parent.name == "lib":
+                users.setdefault(dependency.name, set()).add(command.stem)
+    single = {name: sorted(stages) for name, stages in users.items() if len(stages) < 2}
+    unused = {p.name for p in (STAGES / "lib").glob("*.py")} - set(users) - {"__init__.py"}
+    assert not single, f"lib modules used by one stage only (move them beside it): {single}"
+    assert not unused, f"lib modules no stage uses: {sorted(unused)}"
+
+
+def test_editing_a_helper_changes_only_its_stage_code_hash(monkeypatch):
+    before = {p.stem: code_hash(p) for p in COMMANDS}
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file",
+                        lambda path: "edited" if Path(path).name == "report_figures.py" else real(path))
+    after = {p.stem: code_hash(p) for p in COMMANDS}
+    assert {name for name in before if before[name] != after[name]} == {"report"}
+
+
+def test_code_hash_follows_helpers_and_their_data_files():
+    generate = {p.name for p in code_dependencies(STAGES / "generate.py")}
+    assert {"generate_noise.py", "generate_metaprompt.py", "generate_templates.json", "api_client.py",
+            "catalog.json"} <= generate
+    base = {p.name for p in code_dependencies(STAGES / "base.py")}
+    assert {"base_tiny.py", "generation.py"} <= base and "report_figures.py" not in base
