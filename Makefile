@@ -25,20 +25,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 $(if $(filter docker local,$(RUNNER)),,$(error RUNNER must be docker or local, not '$(RUNNER)'))
-# The interpreter of a command: `python` in a compose service (args: service, extra `run` options) or .venv's.
+# Python on the host for the small helpers (images/tags.py, stages.clean): .venv's once it exists
 HOST_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+# ---- How a stage target becomes a command --------------------------------------------------------------------
+# `make finetune` runs $(call STAGE,finetune), which is
+#     <python> -m stages.finetune --config $(CONFIG) [--set k=v ...] [--force]
+# <python> ($(call IN,<service>,<docker run options>)) is
+#   RUNNER=local   .venv/bin/python; the target depends on $(SETUP) (= .venv), so .venv is made first
+#   RUNNER=docker  `docker compose run --rm <service> python`: the service (compose.yaml) is named after the
+#                  target (SERVICE_<module>=name picks another, e.g. evaluate-gpu); the shell fills in the image
+#                  tags from images/tags.py and the host's uid/gid when the command runs (IMAGE_ENV)
+# --force is added for the stages named on the command line when FORCE=1 (FORCED).
 COMPOSE = docker compose -f compose.yaml $(if $(filter 0,$(GPU)),-f images/compose.no-gpu.yaml)
-# computed on first use only, once per make run (a tag hashes the code and requirement files)
-IMAGE_ENV = $(eval IMAGE_ENV := $(shell $(HOST_PY) images/tags.py env --digests) REGISTRY=$(REGISTRY) HOST_UID=$$$$(id -u) HOST_GID=$$$$(id -g))$(IMAGE_ENV)
-IN = $(if $(filter docker,$(RUNNER)),mkdir -p artifacts && env $(IMAGE_ENV) $(COMPOSE) run --rm --service-ports $(2) $(1) python,$(PY))
-# A stage's compose service: its make target's name, or SERVICE_<module>=... (evaluate-gpu, baseline-api).
+IMAGE_ENV = $$($(HOST_PY) images/tags.py env --digests) REGISTRY=$(REGISTRY) HOST_UID=$$(id -u) HOST_GID=$$(id -g)
+DOCKER_PY = mkdir -p artifacts && env $(IMAGE_ENV) $(COMPOSE) run --rm --service-ports $(2) $(1) python
+IN = $(if $(filter docker,$(RUNNER)),$(call DOCKER_PY,$(1),$(2)),$(PY))
 SERVICE = $(or $(SERVICE_$(1)),$(subst _,-,$(1)))
-# Inside a container the server listens on all of the container's interfaces; compose.yaml publishes
-# its port on the host's 127.0.0.1 only.
-CONTAINER_SET_serve := --set serve.host=0.0.0.0
 # FORCE=1 reruns the stages named on the command line (`make finetune FORCE=1`: finetune only, not generate and
 # base; `make all FORCE=1`: every stage); a stage's own target name, or `all`, must be among the goals.
 FORCED = $(and $(filter-out 0,$(FORCE)),$(filter $(subst _,-,$(1)) all,$(MAKECMDGOALS)))
+# Inside a container the server listens on all of the container's interfaces; compose.yaml publishes
+# its port on the host's 127.0.0.1 only.
+CONTAINER_SET_serve := --set serve.host=0.0.0.0
 STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(call FORCED,$(1)), --force)$(if $(filter docker,$(RUNNER)), $(CONTAINER_SET_$(1)))
 SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
 FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))

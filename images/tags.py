@@ -27,17 +27,6 @@ IMAGES = ROOT / "images"
 DEFAULT_REGISTRY = "localhost"  # a name no `docker push` can reach by accident: set REGISTRY to publish
 
 
-def image_names() -> list[str]:
-    return sorted(p.name.removesuffix(".Dockerfile") for p in IMAGES.glob("*.Dockerfile"))
-
-
-def dockerfile(name: str) -> Path:
-    path = IMAGES / f"{name}.Dockerfile"
-    if not path.is_file():
-        raise SystemExit(f"no image {name!r}: pick one of {', '.join(image_names())}")
-    return path
-
-
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
     result, pending = [], ""
@@ -57,17 +46,81 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return result
 
 
-def copy_sources(path: Path) -> list[str]:
-    """Build-context paths the Dockerfile copies (COPY without --from; ADD)."""
-    sources = []
+def split_stages(path: Path) -> list[dict]:
+    """The Dockerfile's build stages in order: name (None when unnamed), base image or stage, instructions."""
+    result = []
     for keyword, rest in instructions(path):
-        if keyword not in ("COPY", "ADD"):
-            continue
-        words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
-        flags = [w for w in words if w.startswith("--")]
-        if any(f.startswith("--from=") for f in flags):
-            continue
-        sources += [w for w in words if not w.startswith("--")][:-1]
+        if keyword == "FROM":
+            words = rest.split()
+            name = words[-1] if len(words) >= 3 and words[-2].upper() == "AS" else None
+            result.append({"name": name, "base": words[0], "instructions": []})
+        if result:
+            result[-1]["instructions"].append((keyword, rest))
+    return result
+
+
+def stage_uses(stage: dict) -> set[str]:
+    """The stages a stage builds on: its FROM, and every COPY --from."""
+    used = {stage["base"]}
+    for keyword, rest in stage["instructions"]:
+        found = re.search(r"--from=(\S+)", rest) if keyword == "COPY" else None
+        used |= {found.group(1)} if found else set()
+    return used
+
+
+def images() -> dict[str, tuple[Path, str | None]]:
+    """Image name -> (Dockerfile, build target). A Dockerfile makes one image named after the file, or, when
+    several of its stages are leaves (no other stage builds on them, as in cuda.Dockerfile), one image per
+    leaf, named after that stage and built with --target."""
+    found = {}
+    for path in sorted(IMAGES.glob("*.Dockerfile")):
+        stages = split_stages(path)
+        used = set().union(*(stage_uses(s) for s in stages))
+        leaves = [s["name"] for s in stages if s["name"] not in used]
+        if len(leaves) > 1 and all(leaves):
+            found |= {leaf: (path, leaf) for leaf in leaves}
+        else:
+            found[path.name.removesuffix(".Dockerfile")] = (path, None)
+    return dict(sorted(found.items()))
+
+
+def image_names() -> list[str]:
+    return list(images())
+
+
+def dockerfile(name: str) -> Path:
+    if name not in images():
+        raise SystemExit(f"no image {name!r}: pick one of {', '.join(image_names())}")
+    return images()[name][0]
+
+
+def image_stages(name: str) -> list[dict]:
+    """The stages the image is built from, in file order, its final (target) stage last."""
+    path, target = dockerfile(name), images()[name][1]
+    stages = split_stages(path)
+    wanted, todo = set(), [target if target else len(stages) - 1]
+    by_name = {s["name"]: i for i, s in enumerate(stages) if s["name"]}
+    while todo:
+        key = todo.pop()
+        index = key if isinstance(key, int) else by_name.get(key)
+        if index is None or index in wanted:
+            continue   # an external image (FROM ${...}), or seen
+        wanted.add(index)
+        todo += list(stage_uses(stages[index]))
+    return [stages[i] for i in sorted(wanted)]
+
+
+def copy_sources(name: str) -> list[str]:
+    """Build-context paths the image's stages copy (COPY without --from; ADD)."""
+    sources = []
+    for stage in image_stages(name):
+        for keyword, rest in stage["instructions"]:
+            if keyword not in ("COPY", "ADD"):
+                continue
+            words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+            if any(w.startswith("--from=") for w in words):
+                continue
+            sources += [w for w in words if not w.startswith("--")][:-1]
     return sources
 
 
@@ -115,7 +168,7 @@ def ignored(relative: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
 def context_files(name: str) -> list[Path]:
     """Every build-context file the image copies, as Docker sends it (.dockerignore applied)."""
     rules, files = ignore_rules(), set()
-    for source in copy_sources(dockerfile(name)):
+    for source in copy_sources(name):
         path = ROOT / source
         if not path.exists():
             raise SystemExit(f"{dockerfile(name).relative_to(ROOT)} copies {source}, which does not exist")
@@ -129,7 +182,7 @@ def tag(name: str) -> str:
     for path in [dockerfile(name), *context_files(name)]:
         digest.update(f"{path.relative_to(ROOT).as_posix()}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    digest.update(json.dumps(build_args(), sort_keys=True).encode())
+    digest.update(json.dumps({**build_args(), "target": images()[name][1]}, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 

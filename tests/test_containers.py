@@ -33,19 +33,13 @@ COMPILER_PACKAGES = re.compile(r"\b(build-essential|cmake|gcc|g\+\+|clang)\b")
 
 
 def stages_of(name: str) -> list[list[tuple[str, str]]]:
-    """A Dockerfile's instructions split at each FROM (the global ARGs before the first one dropped)."""
-    result = []
-    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
-        if keyword == "FROM":
-            result.append([])
-        if result:
-            result[-1].append((keyword, rest))
-    return result
+    """The instructions of the stages an image is built from, one list per stage, its target last."""
+    return [stage["instructions"] for stage in tags.image_stages(name)]
 
 
 def global_args(name: str) -> dict[str, str]:
     args = {}
-    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
+    for keyword, rest in tags.instructions(tags.dockerfile(name)):
         if keyword == "FROM":
             break
         if keyword == "ARG":
@@ -80,8 +74,8 @@ def test_dockerfile_parses_and_copies_only_existing_paths(name):
     stages = stages_of(name)
     assert len(stages) >= 2, "multi-stage: a build stage, then the run-time stage"
     names = {rest.split()[-1] for stage in stages for keyword, rest in stage[:1] if " AS " in rest.upper()}
-    for source in tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile"):
-        assert (ROOT / source).exists(), f"{name}.Dockerfile copies {source}, which does not exist"
+    for source in tags.copy_sources(name):
+        assert (ROOT / source).exists(), f"{name} copies {source}, which does not exist"
         assert not tags.ignored(source.rstrip("/"), tags.ignore_rules()), f"{source} is left out by .dockerignore"
     for stage in stages:
         for keyword, rest in stage:
@@ -93,7 +87,7 @@ def test_dockerfile_parses_and_copies_only_existing_paths(name):
 def test_image_installs_existing_requirement_files_and_copies_their_includes(name):
     wanted = installed_requirements(name)
     assert wanted, f"{name}.Dockerfile installs no requirement file"
-    copied = set(tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile"))
+    copied = set(tags.copy_sources(name))
     for requirement in wanted:
         assert (ROOT / requirement).is_file(), requirement
         missing = closure(requirement) - copied
@@ -109,13 +103,13 @@ def test_final_stage_runs_as_a_non_root_user_without_build_tools(name):
     if name not in JIT_IMAGES:
         assert not COMPILER_PACKAGES.search(installs), f"{name}: compilers belong in the build stage"
     assert not re.search(r"\b(build-essential|cmake)\b", installs)
-    assert any(k == "COPY" and rest.startswith("--from=build") for k, rest in final), "the venv comes from `build`"
+    assert any(k == "COPY" and re.match(r"--from=\S*build ", rest) for k, rest in final), "the venv comes from a build stage"
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_no_secret_is_baked_into_an_image(name):
-    text = (ROOT / "images" / f"{name}.Dockerfile").read_text()
-    for keyword, rest in tags.instructions(ROOT / "images" / f"{name}.Dockerfile"):
+    text = tags.dockerfile(name).read_text()
+    for keyword, rest in tags.instructions(tags.dockerfile(name)):
         if keyword in ("ENV", "ARG", "LABEL"):
             assert not re.search(r"HF_TOKEN|OPENAI_API_KEY|_TOKEN\b|API_KEY|SECRET|PASSWORD", rest, re.I), rest
     assert "HF_TOKEN" not in text and "OPENAI_API_KEY" not in text
@@ -136,7 +130,8 @@ def test_base_images_are_pinned_through_args(name):
         if " AS " in stage[0][1].upper():
             stage_names.add(stage[0][1].split()[-1])
     if name in CUDA_IMAGES:
-        assert args["CUDA_IMAGE"].startswith("nvidia/cuda:13.0."), "torch 2.14.1's wheels are built for CUDA 13.0"
+        for flavour in ("CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE"):   # torch 2.14.1's wheels are built for CUDA 13.0
+            assert args[flavour].startswith("nvidia/cuda:13.0."), flavour
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -146,16 +141,23 @@ def test_labels_name_the_project_version_and_the_llama_cpp_commit(name):
     if "requirements/gguf.txt" in installed_requirements(name):
         assert 'cart-intent.llama-cpp.commit="${LLAMA_CPP_COMMIT}"' in labels
         assert global_args(name)["LLAMA_CPP_COMMIT"] == LLAMA_CPP_COMMIT
-        text = (ROOT / "images" / f"{name}.Dockerfile").read_text()
+        text = tags.dockerfile(name).read_text()
         # the build proves the label: the converter's COMMIT from the same sdist must equal it
         assert 'test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"' in text
         for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
                      "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):   # the variants where sitecustomize.py looks
             assert flag in text, f"{name}: llama.cpp must be built portable ({flag})"
         assert "--no-binary llama-cpp-python" in text
-        assert "images/sitecustomize.py" in tags.copy_sources(ROOT / "images" / f"{name}.Dockerfile")
+        assert "images/sitecustomize.py" in tags.copy_sources(name)
     assert LLAMA_CPP_COMMIT in (ROOT / "README.md").read_text()
     assert tags.build_args()["PROJECT_VERSION"] == re.search(r'version = "(.+)"', (ROOT / "pyproject.toml").read_text())[1]
+
+
+def test_the_cuda_images_are_the_targets_of_one_dockerfile():
+    cuda = {name: target for name, (path, target) in tags.images().items() if path.name == "cuda.Dockerfile"}
+    assert cuda == {name: name for name in CUDA_IMAGES}
+    assert {name for name, (_, target) in tags.images().items() if target is None} == set(IMAGES) - CUDA_IMAGES
+    assert [stage["name"] for stage in tags.image_stages("train")] == ["uv", "python", "train-build", "train"]
 
 
 def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
@@ -194,9 +196,14 @@ def test_tags_follow_the_content_of_each_image(tmp_path, monkeypatch):
     after = {name: tags.tag(name) for name in IMAGES}
     assert {name for name in IMAGES if after[name] != before[name]} == {"python"}
 
+    with open(root / "requirements" / "gguf.txt", "a") as fh:   # one target of cuda.Dockerfile uses it, not the others
+        fh.write("# llama.cpp\n")
+    again = {name: tags.tag(name) for name in IMAGES}
+    assert {name for name in IMAGES if again[name] != after[name]} == {"cpu", "gpu"}
+
     with open(root / "requirements" / "base.txt", "a") as fh:   # included by every image's requirements
         fh.write("\n")
-    assert all(tags.tag(name) != after[name] for name in IMAGES)
+    assert all(tags.tag(name) != again[name] for name in IMAGES)
 
     (root / "stages" / "generate.py").write_text("# code baked into every image\n")
     changed = {name: tags.tag(name) for name in IMAGES}
@@ -237,7 +244,9 @@ def test_every_service_runs_an_existing_stage_in_its_image():
         module = re.match(r"python -m (stages(?:\.lib)?\.\w+) ", spec["command"] + " ").group(1)
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{service}: no module {module}"
         assert spec["image"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_{image.upper()}:?")
-        assert spec["build"]["dockerfile"] == f"images/{image}.Dockerfile" and spec["build"]["context"] == "."
+        dockerfile, target = tags.images()[image]
+        assert spec["build"]["dockerfile"] == dockerfile.relative_to(ROOT).as_posix() and spec["build"]["context"] == "."
+        assert spec["build"].get("target") == target
         assert (ROOT / spec["build"]["dockerfile"]).is_file()
         assert "./artifacts:/app/artifacts" in spec["volumes"] and spec["working_dir"] == "/app"
         environment = spec["environment"]
@@ -302,7 +311,11 @@ def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
     service = {"export": "transfer", "import": "transfer"}.get(target, target)
     assert re.search(rf"docker compose -f compose\.yaml -f images/compose\.no-gpu\.yaml run --rm --service-ports "
                      rf"(-v \S+ )?\s*{re.escape(service)} python$", docker_head), docker_head
-    assert f"TAG_{'CPU'}=" in docker_head and "REGISTRY=localhost" in docker_head
+    assert "REGISTRY=localhost" in docker_head and "HOST_UID=$(id -u)" in docker_head
+    # the image tags come from images/tags.py, run by the shell when the command runs
+    env_command = re.search(r"env \$\((\S+ images/tags\.py env --digests)\)", docker_head).group(1)
+    tag_names = subprocess.run(env_command.split(), cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert {f"TAG_{image.upper()}" for image in IMAGES} <= {line.split("=")[0] for line in tag_names.split()}
     if target == "serve":   # the one container-only setting: listen on the container's interfaces
         docker_args = docker_args.removesuffix(" --set serve.host=0.0.0.0")
     assert local_args.strip() == docker_args.strip()
