@@ -27,6 +27,7 @@ from stages import generate_metaprompt as metaprompt
 from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib import artifacts, cli
 from stages.lib.api_client import ApiSettings
+from stages.lib.cards import card, dataset_meta
 from stages.lib.catalog import LANGUAGES, Catalog, indefinite, load_catalog, quantity_phrase, unit_phrase
 from stages.lib.config import as_dict, require
 from stages.lib.task import MAX_QUANTITY
@@ -188,11 +189,11 @@ def statistics(splits: dict[str, list[dict]], redrawn: int) -> dict:
             "products": len({ex["product"] for ex in rows}), "templates_used": len({ex["template_id"] for ex in rows})}
 
 
-def dataset_card(stats: dict, cfg: GenerateConfig) -> str:
+def dataset_card(stats: dict, cfg: GenerateConfig, run_name: str, llm_section: str = "") -> str:
     def table(title, mapping):
         lines = [f"| {title} | examples |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in mapping.items()]
         return "\n".join(lines)
-    return "\n\n".join([
+    return card(dataset_meta(run_name, stats["total"]), "\n\n".join([
         f"# Cart-intent dataset ({cfg.backend} backend)",
         f"{stats['total']} unique messages, seed {cfg.seed}, split seed {cfg.split_seed}; "
         f"{stats['duplicates_redrawn']} duplicate texts were redrawn, so no text appears twice or in two splits. "
@@ -202,7 +203,7 @@ def dataset_card(stats: dict, cfg: GenerateConfig) -> str:
         table("quantity style", stats["quantity_style"]), table("noise kind", stats["noise"]),
         table("quantity", stats["quantity_histogram"]),
         "Fields: id, lang, text, action, product, quantity, template_id, quantity_style, noise.",
-    ]) + "\n"
+    ]) + llm_section)
 
 
 def run(run_cfg, cfg: GenerateConfig, args) -> int:
@@ -228,7 +229,7 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
     if llm:
         stats["llm"] = llm
     artifacts.write_json(out / "stats.json", stats)
-    (out / "README.md").write_text(dataset_card(stats, cfg) + (metaprompt.card(llm) if llm else ""),
+    (out / "README.md").write_text(dataset_card(stats, cfg, run_cfg.name, metaprompt.card(llm) if llm else ""),
                                    encoding="utf-8")
     stage.results.update(stats)
     stage.publish()

@@ -8,8 +8,9 @@ file's greedy answers are compared with the FP16 model's on validation prompts (
     python -m stages.gguf --config configs/tiny.toml
     python -m stages.gguf --config configs/smoke.toml --set 'gguf.types=["Q4_K_M"]'
 
-Writes artifacts/<run>/gguf/<slug>/model-f16.gguf, model-<TYPE>.gguf and the converter's, quantizer's and
-loader's logs.
+Writes artifacts/<run>/gguf/<slug>/model-f16.gguf, model-<TYPE>.gguf (each with the chat template that renders
+one user message into the training prompt), and for a fine-tuned model schema.json, answer.gbnf, an Ollama
+Modelfile per type (Modelfile: Q4_K_M) and a README.md card; the converter's, quantizer's and loader's logs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.text import Text
+
+from stages.gguf_bundle import write_bundle
 from stages.lib import artifacts, cli
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
@@ -127,6 +131,14 @@ def build_one(source: dict, cfg: GGUFConfig, probe: list[str], out: Path) -> dic
     return {"spec": source["spec"], "source": source["kind"], "parameters": parameters, "variants": variants}
 
 
+def bundle(folder: Path, source: dict, variants: dict, merged: dict, run_name: str) -> list[str]:
+    """The schema, grammar, Modelfiles and card beside a merged model's GGUF files."""
+    from transformers import AutoTokenizer
+    from stages.lib.catalog import load_catalog
+    eos_token = AutoTokenizer.from_pretrained(source["path"]).eos_token
+    return write_bundle(folder, source["spec"], variants, merged, eos_token, load_catalog().names, run_name)
+
+
 def run(run_cfg, cfg: GGUFConfig, args) -> int:
     run_dir = run_cfg.run_dir
     manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
@@ -154,8 +166,11 @@ def run(run_cfg, cfg: GGUFConfig, args) -> int:
         try:
             results[slug] = build_one(source, cfg, probe, out / slug)
         except RuntimeError as err:
-            cli.console.print(f"[red]gguf failed[/red] {err}")
+            cli.console.print(Text.assemble(("gguf failed ", "red"), str(err)))
             return 1
+        if source["kind"] == "merged":
+            results[slug]["bundle"] = bundle(out / slug, source, results[slug]["variants"],
+                                             manifests["merge"]["results"]["models"][slug], run_cfg.name)
     stage.results.update(llama_cpp_commit=commit, llama_cpp_python=llama_cpp.__version__,
                          cpu_features=llama_cpp.llama_print_system_info().decode().strip(), models=results)
     stage.publish()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import artifacts, cli
+from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
 from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
 from stages.lib.task import read_split
@@ -103,6 +104,24 @@ def quantize_one(source: dict, cfg: GPTQConfig, texts: list[str], probe: list[st
     return record
 
 
+def model_card(spec: str, record: dict, merged: dict, run_name: str) -> str:
+    """README.md of a GPTQ folder: the source's measured exact match, this file's agreement with it."""
+    parity = record["parity"].get("identical_to_fp16")
+    meta = model_meta(model_origin(spec), run_name, "gptqmodel", ["gptq", f"{record['bits']}-bit"],
+                      [("validation exact match of the merged FP16 source", merged["val_exact_match"])])
+    return card(meta, "\n".join([
+        f"# {spec} fine-tuned for cart-intent extraction, GPTQ {record['bits']}-bit",
+        "",
+        f"GPTQ (gptqmodel) of the merged FP16 model: group size {record['group_size']}, "
+        f"{record['calibration_texts_used']} calibration texts, {record['bits_per_weight']} bits per weight "
+        f"({record['size_vs_fp16']:.0%} of FP16). Kernel on the quantizing host: `{record['kernel']}`.",
+        f"Greedy answers identical to FP16 on {record['parity'].get('prompts', 0)} validation prompts: "
+        + (f"{parity:.2f}." if parity is not None else record["parity"].get("skipped", "not measured") + "."),
+        "The tokenizer's chat template renders one user message into the training prompt "
+        "(system messages are ignored). Load with `GPTQModel.load(folder)` or transformers with gptqmodel installed.",
+    ]))
+
+
 def run(run_cfg, cfg: GPTQConfig, args) -> int:
     run_dir = run_cfg.run_dir
     manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
@@ -132,6 +151,10 @@ def run(run_cfg, cfg: GPTQConfig, args) -> int:
         cli.console.rule(f"GPTQ {cfg.bits}-bit {source['spec']} ({source['kind']})")
         results[slug] = {"spec": source["spec"], "calibration_per_language": per_language,
                          **quantize_one(source, cfg, texts, probe, out / slug)}
+        if source["kind"] == "merged":
+            merged = manifests["merge"]["results"]["models"][slug]
+            (out / slug / "README.md").write_text(model_card(source["spec"], results[slug], merged, run_cfg.name),
+                                                  encoding="utf-8")
     stage.results["models"] = results
     stage.publish()
     rows = {slug: {**r, "identical_to_fp16": r.get("parity", {}).get("identical_to_fp16", "-")}

@@ -17,10 +17,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.text import Text
+
 from stages.lib import artifacts, cli
+from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
 from stages.lib.models import base_models, weights_dir
-from stages.lib.task import read_split
+from stages.lib.task import chat_template, read_split
 
 PACKAGES = ["torch", "transformers", "peft", "safetensors"]
 
@@ -41,19 +44,28 @@ class MergeConfig:
         require(0 < self.min_agreement <= 1, "min_agreement", "a fraction in (0, 1]")
 
 
-def model_card(record: dict, adapter_history: dict, results: dict) -> str:
-    return "\n".join([
+def model_card(record: dict, adapter_history: dict, results: dict, run_name: str) -> str:
+    meta = model_meta(model_origin(record["spec"]), run_name, "transformers", ["lora", "merged"],
+                      [("validation exact match (merged FP16)", results["val_exact_match"])])
+    return card(meta, "\n".join([
         f"# {record['spec']} fine-tuned for cart-intent extraction (merged)",
         "",
-        "QLoRA adapter merged into the FP16 base. Input: the task library's prompt "
-        "(`stages/lib/task.py: build_prompt`); output: one JSON object "
-        '`{"action": "add"|"remove", "product": <catalog name>, "quantity": <int>}`.',
+        "LoRA adapter merged into the FP16 base. Input: the task library's prompt "
+        "(`stages/lib/task.py: build_prompt`), which the tokenizer's chat template renders from one user message "
+        "(`tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": text}], add_generation_prompt=True)`; "
+        "system messages are ignored); output: one JSON object "
+        '`{"action": "add"|"remove", "product": <catalog name>, "quantity": 1..999}`, then EOS.',
         "",
         f"- base: `{record['spec']}`",
         f"- best checkpoint: {adapter_history.get('best_checkpoint')} (eval loss {adapter_history.get('best_eval_loss')})",
         f"- parity with base+adapter: {results['parity_agreement']:.3f} on {results['parity_prompts']} prompts",
-        f"- validation exact match (merged): {results['val_exact_match']:.4f}",
-    ]) + "\n"
+        f"- validation exact match (merged): {results['val_exact_match']:.4f} on {results['val_examples']} examples",
+    ]))
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does the tokenizer put BOS before a text (as training and evaluation tokenized prompts)?"""
+    return tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, val: list[dict], out: Path) -> dict:
@@ -77,6 +89,7 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
     merged = peft_model.merge_and_unload()
     merged.to(save_dtype).save_pretrained(out, safe_serialization=True)
     merged.generation_config.save_pretrained(out)
+    tokenizer.chat_template = chat_template(adds_bos(tokenizer))  # the prompt travels with the model (and its GGUFs)
     tokenizer.save_pretrained(out)
     source_tokenizer = weights_dir(record) / "tokenizer.model"
     if source_tokenizer.exists():  # llama.cpp's converter reads the SentencePiece model
@@ -90,7 +103,6 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
     results = {"base": record["spec"], "dtype": cfg.dtype, "parity_prompts": len(prompts),
                "parity_agreement": round(agreement, 4), "val_exact_match": round(val_em, 4),
                "val_examples": len(val), "parameters": sum(p.numel() for p in reloaded.parameters())}
-    (out / "README.md").write_text(model_card(record, history, results), encoding="utf-8")
     if agreement < cfg.min_agreement:
         raise ParityError(f"{record['spec']}: merged model agrees with base+adapter on {agreement:.1%} of "
                           f"{len(prompts)} prompts, under merge.min_agreement={cfg.min_agreement}")
@@ -119,8 +131,10 @@ def run(run_cfg, cfg: MergeConfig, args) -> int:
         history = artifacts.read_json(run_dir / "finetune" / slug / "history.json")
         try:
             results[slug] = merge_one(record, adapter_dir, history, cfg, val, out / slug)
+            (out / slug / "README.md").write_text(model_card(record, history, results[slug], run_cfg.name),
+                                                  encoding="utf-8")
         except ParityError as err:
-            cli.console.print(f"[red]parity check failed[/red] {err}")
+            cli.console.print(Text.assemble(("parity check failed ", "red"), str(err)))
             return 1
     stage.results["models"] = results
     stage.publish()

@@ -5,7 +5,9 @@ llama-cpp-python's server routes (/v1/chat/completions, /v1/completions, /v1/mod
 {"text": "..."} and answers the schema-checked {"action", "product", "quantity"} decoded with constrained
 decoding on (plus "raw" and "latency_s"), or 422 {"detail", "raw"} when the answer is not a valid one.
 Bad requests (no text, empty text, over-long text in characters or in tokens for the context, text that is
-not valid Unicode, not JSON) get a 4xx with a message. Writes nothing.
+not valid Unicode, not JSON) get a 4xx with a message. The GGUF's chat template makes /v1/chat/completions
+with one user message send the training prompt; with the answer's JSON Schema (gguf/<model>/schema.json) in
+`response_format` it decodes with the answer's grammar and gives /v1/intent's answer. Writes nothing.
 
     python -m stages.serve --config configs/smollm2.toml                   # http://127.0.0.1:8000
     python -m stages.serve --config configs/smoke.toml --set serve.variant='"F16"' --set serve.port=8080
@@ -15,6 +17,7 @@ Reads artifacts/<run>/gguf/<model>/model-<variant>.gguf (made by `make gguf`).
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,14 +26,64 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from stages.lib import cli
 from stages.lib.artifacts import StageBusy
 from stages.lib.backends import GGUFBackend
+from stages.lib.catalog import load_catalog
 from stages.lib.intent import IntentModel, ServeConfig, gguf_path
 from stages.lib.llama_internals import server_llama
+from stages.lib.task import answer_gbnf, answer_json_schema
 
 
 class IntentRequest(BaseModel):
     """POST /v1/intent's body: {"text": "..."} and nothing else."""
     model_config = ConfigDict(extra="forbid")
     text: StrictStr
+
+
+class AnswerSchemaAsGrammar:
+    """ASGI middleware: a chat completion whose `response_format` carries the answer's JSON Schema (OpenAI's
+    `json_object` + schema or `json_schema` form) is decoded with the answer's GBNF grammar instead, the exact
+    form the model was trained to write. llama.cpp's grammar for a generic schema starts at "{" without the
+    model's leading space and allows any spacing and integer, which pushes the model off its trained path."""
+
+    def __init__(self, app, schema: dict, grammar: str):
+        self.app, self.schema, self.grammar = app, self.core(schema), grammar
+
+    @staticmethod
+    def core(schema) -> dict | None:
+        return {k: v for k, v in schema.items() if k not in ("$schema", "title", "description")} \
+            if isinstance(schema, dict) else None
+
+    def rewrite(self, body: bytes) -> bytes:
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body   # the server answers it with its own 4xx
+        wanted = request.get("response_format") if isinstance(request, dict) else None
+        if not isinstance(wanted, dict):
+            return body
+        schema = wanted.get("schema") if wanted.get("type") == "json_object" else \
+            (wanted.get("json_schema") or {}).get("schema") if wanted.get("type") == "json_schema" else None
+        if self.core(schema) != self.schema:
+            return body
+        request.pop("response_format")
+        return json.dumps({**request, "grammar": self.grammar}).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        body, replayed = self.rewrite(body), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()   # a disconnect, as the server would have seen it
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        await self.app({**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}, replay, send)
 
 
 def create_app(path: Path, cfg: ServeConfig):
@@ -48,6 +101,8 @@ def create_app(path: Path, cfg: ServeConfig):
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
     intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars)
+    products = load_catalog().names
+    app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products))
 
     @app.post("/v1/intent", tags=["cart intent"])
     async def cart_intent(body: IntentRequest):

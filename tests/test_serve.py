@@ -118,6 +118,33 @@ def test_openai_compatible_routes(server):
     assert status == 200, answer
 
 
+def test_chat_route_answers_as_the_model_and_the_intent_route(server, quantized):
+    """One user message on /v1/chat/completions: the GGUF's chat template sends the training prompt, so the
+    answer is the free-decoding one; with the answer's JSON Schema as response_format (either OpenAI form),
+    the answer is /v1/intent's (schema-constrained), and schema-valid."""
+    from openai import OpenAI
+    from stages.lib.backends import GGUFBackend
+    from stages.lib.task import build_prompt, parse_output, read_split
+    client = OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    [model] = [m.id for m in client.models.list().data]
+    schema = json.loads((quantized / "gguf" / "tiny" / "schema.json").read_text())
+    texts = [ex["text"] for ex in read_split(quantized, "test")[:12]]
+    free = GGUFBackend(quantized / "gguf" / "tiny" / "model-Q4_K_M.gguf", n_threads=1).generate(
+        [build_prompt(t) for t in texts])
+    formats = ({"type": "json_object", "schema": schema},
+               {"type": "json_schema", "json_schema": {"name": "cart_intent", "schema": schema}})
+    for text, completion in zip(texts, free):
+        def chat(**extra):
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                   max_tokens=48, temperature=0, **extra)
+            return parse_output(reply.choices[0].message.content)
+        assert chat() == parse_output(completion.text)
+        status, intent = post(server, {"text": text})
+        expected = {k: intent[k] for k in ("action", "product", "quantity")} if status == 200 else None
+        for response_format in formats:
+            assert chat(response_format=response_format) == expected, (text, response_format["type"])
+
+
 def test_bounded_load_200_requests_8_clients(server):
     texts = ["dodaj 3 paste za zube", "add two lip balms", "quita 4 jabones", "remove 1 shampoo"]
 

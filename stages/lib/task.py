@@ -53,6 +53,45 @@ def build_prompt(text: str, examples: list[dict] = ()) -> str:
     return "\n".join(parts) + "\nJSON:"
 
 
+def chat_template(bos: bool) -> str:
+    """A Jinja chat template (transformers, llama.cpp, Ollama) that renders the conversation's last user message
+    into exactly build_prompt(message.strip()), the only prompt the model was trained on, after the BOS token when
+    the tokenizer adds one (chat front ends tokenize the rendered text without adding it). System and assistant
+    messages are ignored, as the model never saw any; a conversation without a user message is an error."""
+    head, tail = build_prompt("\0").split("\0")
+    for text in (head, tail):
+        assert "{" not in text and "%" not in text, "the prompt's fixed text must not hold Jinja syntax"
+    return ("{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+            "{%- if not users or users[-1]['content'] is not string -%}"
+            "{{ raise_exception('one user message with the shopper\\'s text is needed') }}"
+            "{%- endif -%}"
+            + ("{{ bos_token }}" if bos else "") + head + "{{ users[-1]['content'] | trim }}" + tail)
+
+
+def answer_json_schema(products: list[str]) -> dict:
+    """The answer as JSON Schema: what `response_format` (OpenAI-compatible servers) and validators take."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cart intent", "type": "object",
+            "properties": {"action": {"type": "string", "enum": list(ACTIONS)},
+                           "product": {"type": "string", "enum": list(products)},
+                           "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY}},
+            "required": list(FIELDS), "additionalProperties": False}
+
+
+def answer_gbnf(products: list[str]) -> str:
+    """The answer as a llama.cpp GBNF grammar, in the exact form the model was trained to write (its leading
+    space, key order and spacing), so grammar-constrained sampling stays on the model's own path."""
+    def literal(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+    assert MAX_QUANTITY == 999, "the quantity rule below spells out 1..999"
+    return "\n".join([
+        'root ::= " "? "{" ' + literal('"action": "') + " action " + literal('", "product": "') + " product "
+        + literal('", "quantity": ') + ' quantity "}"',
+        "action ::= " + " | ".join(literal(a) for a in ACTIONS),
+        "product ::= " + " | ".join(literal(p) for p in products),
+        'quantity ::= [1-9] [0-9]? [0-9]?',
+    ]) + "\n"
+
+
 def build_completion(action: str, product: str, quantity: int) -> str:
     return " " + format_answer(action, product, quantity)
 
