@@ -55,7 +55,7 @@ export REGISTRY
 unexport FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict test test-unit clean venv images push pull export import
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict publish test test-unit clean venv images push pull export import
 
 ## Show this help
 help:
@@ -161,6 +161,10 @@ export: $(SETUP)
 import: $(SETUP)
 	@test -n "$(FILE)" || { echo "make import needs FILE=<archive>.tar.gz (written by make export)"; exit 2; }
 	$(call IN,transfer,$(FILE_MOUNT)) -m stages.transfer import $(abspath $(FILE))
+
+## Upload chosen folders to the Hugging Face Hub after checking cards and files (HF_TOKEN; DRY_RUN=1: plan only)
+publish: $(SETUP)
+	$(call STAGE,publish)$(if $(DRY_RUN), --dry-run)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)

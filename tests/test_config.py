@@ -15,6 +15,7 @@ from stages.gptq import GPTQConfig
 from stages.merge import MergeConfig
 from stages.profile_cpu import ProfileCPUConfig
 from stages.profile_gpu import ProfileGPUConfig
+from stages.publish import PublishConfig
 from stages.report import ReportConfig
 from stages.lib.intent import ServeConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
@@ -32,7 +33,7 @@ def write(tmp_path, text):
 STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
                  "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig,
                  "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig, "report": ReportConfig,
-                 "serve": ServeConfig}
+                 "serve": ServeConfig, "publish": PublishConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
