@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.text import Text
 
 from stages import generate_metaprompt as metaprompt
+from stages.generate_import import read_own_rows, text_key
 from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib import artifacts, cli
 from stages.lib.api_client import ApiSettings
@@ -46,7 +47,11 @@ class GenerateConfig:
     llm_price_per_1k_tokens: float = 0.002  # for the cost estimate printed before starting
     # [generate.api]: the LLM's endpoint, key, retries and budget of new requests (chat mode only)
     api: ApiSettings = field(default_factory=lambda: ApiSettings(max_requests=20000))
-    n_examples: int = 6000
+    n_examples: int = 6000            # generated examples (with data_file: see data_file_share)
+    # A labelled JSON Lines file of your own (rows: text, action, product, quantity; lang and id optional), used
+    # whole; generated examples are added so that the file's rows are data_file_share of the dataset.
+    data_file: str = ""
+    data_file_share: float = 1.0
     seed: int = 1234
     test_fraction: float = 0.10       # held out first, as the paper did
     val_fraction: float = 0.10        # of the rest, split with split_seed
@@ -75,6 +80,7 @@ class GenerateConfig:
                 "temperature and price >= 0")
         require(self.api.mode == "chat", "api.mode", '"chat" (the metaprompt is a chat message)')
         require(self.n_examples >= 30, "n_examples", "an integer >= 30")
+        require(0 < self.data_file_share <= 1, "data_file_share", "a fraction in (0, 1] (1: only your rows)")
         require(0 < self.test_fraction < 0.5, "test_fraction", "a fraction in (0, 0.5)")
         require(0 < self.val_fraction < 0.5, "val_fraction", "a fraction in (0, 0.5)")
         require(bool(self.languages) and set(self.languages) <= set(LANGUAGES)
@@ -138,28 +144,25 @@ def render_text(gold: dict, catalog: Catalog, lex: dict, cfg: GenerateConfig, rn
             "quantity_style": style, "noise": applied}
 
 
-def dedup_key(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict) -> tuple[list[dict], int]:
-    """n_examples unique messages; a duplicate text is redrawn. Returns (examples, duplicates redrawn)."""
+def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict, n: int,
+                      taken: set[str] = frozenset()) -> tuple[list[dict], int]:
+    """n unique messages, none of them in `taken`; a duplicate text is redrawn. Returns (examples, redrawn)."""
     rng = random.Random(cfg.seed)
     lex = {**lex, "brands": list(catalog.brands)}
-    seen, examples, redrawn = set(), [], 0
-    for i in range(cfg.n_examples):
+    seen, examples, redrawn = set(taken), [], 0
+    for i in range(n):
         gold = {"lang": cfg.languages[i % len(cfg.languages)]}
         for attempt in range(200):
             if attempt % 20 == 0:  # after 20 clashes, new ground truth for this slot (same language)
                 gold.update(action="remove" if rng.random() < cfg.remove_share else "add",
                             product=rng.choice(catalog.names), quantity=draw_quantity(rng, cfg.quantity_buckets))
             row = render_text(gold, catalog, lex, cfg, rng)
-            if dedup_key(row["text"]) not in seen:
+            if text_key(row["text"]) not in seen:
                 break
             redrawn += 1
         else:
             raise RuntimeError("could not draw a unique message in 200 tries; lower n_examples or add templates")
-        seen.add(dedup_key(row["text"]))
+        seen.add(text_key(row["text"]))
         examples.append({"id": f"ex-{i:05d}", "lang": gold["lang"], "text": row["text"], "action": gold["action"],
                          "product": gold["product"], "quantity": gold["quantity"],
                          "template_id": row["template_id"], "quantity_style": row["quantity_style"],
@@ -194,7 +197,8 @@ def dataset_card(stats: dict, cfg: GenerateConfig, run_name: str, llm_section: s
         lines = [f"| {title} | examples |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in mapping.items()]
         return "\n".join(lines)
     return card(dataset_meta(run_name, stats["total"]), "\n\n".join([
-        f"# Cart-intent dataset ({cfg.backend} backend)",
+        f"# Cart-intent dataset ({cfg.backend} backend"
+        + (f", {stats['data_file']['rows']} rows from {stats['data_file']['name']})" if "data_file" in stats else ")"),
         f"{stats['total']} unique messages, seed {cfg.seed}, split seed {cfg.split_seed}; "
         f"{stats['duplicates_redrawn']} duplicate texts were redrawn, so no text appears twice or in two splits. "
         f"{stats['products']} products, {stats['templates_used']} templates used. "
@@ -207,25 +211,30 @@ def dataset_card(stats: dict, cfg: GenerateConfig, run_name: str, llm_section: s
 
 
 def run(run_cfg, cfg: GenerateConfig, args) -> int:
-    stage = artifacts.StageRun("generate", "data", run_cfg.run_dir, as_dict(cfg), {},
+    catalog = load_catalog()
+    own = read_own_rows(Path(cfg.data_file), set(catalog.names)) if cfg.data_file else []
+    inputs = {"data_file": artifacts.sha256_file(Path(cfg.data_file))} if own else {}
+    stage = artifacts.StageRun("generate", "data", run_cfg.run_dir, as_dict(cfg), inputs,
                                artifacts.code_hash(__file__), ["rich"])
     if cli.already_done(stage, args):
         return 0
-    catalog = load_catalog()
     lex = json.loads(TEMPLATES_PATH.read_text(encoding="utf-8"))
+    n = round(len(own) * (1 - cfg.data_file_share) / cfg.data_file_share) if own else cfg.n_examples
     with artifacts.timer(stage.results, "generate_s"):
-        examples, redrawn = generate_examples(cfg, catalog, lex)
+        examples, redrawn = generate_examples(cfg, catalog, lex, n, {text_key(row["text"]) for row in own})
         llm = None
         if cfg.backend != "template":
             llm = metaprompt.run_backend(examples, cfg, catalog, run_cfg.run_dir / ".cache" / "api" / "generate.jsonl",
                                          lambda line: cli.console.print(Text(line)))  # endpoint text, literally
             if llm is None:
                 return 1   # endpoint down or budget spent: said so, nothing published, answers so far cached
-        splits = split(examples, cfg)
+        splits = split(own + examples, cfg)
     out = stage.fresh_tmp()
     for name, rows in splits.items():
         artifacts.write_jsonl(out / f"{name}.jsonl", rows)
     stats = statistics(splits, redrawn)
+    if own:
+        stats["data_file"] = {"name": Path(cfg.data_file).name, "rows": len(own), "sha256": inputs["data_file"]}
     if llm:
         stats["llm"] = llm
     artifacts.write_json(out / "stats.json", stats)

@@ -1,13 +1,15 @@
 """The template generator: deterministic, balanced, noisy at the configured rates, no leakage."""
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from stages import generate
-from stages.lib.artifacts import read_jsonl, read_manifest
 from stages.generate_noise import NOISE_KINDS
+from stages.lib.artifacts import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -101,3 +103,40 @@ def test_dataset_card_and_datasets_loader(big):
     import datasets
     ds = datasets.load_dataset("json", data_files={k: str(out / f"{k}.jsonl") for k in ("train", "val", "test")})
     assert ds["test"].num_rows == 300 and "text" in ds["train"].column_names
+
+
+def test_own_labelled_file_is_used_whole_and_mixed_by_its_share(tmp_path):
+    own = ROOT / "datasets" / "realistic.jsonl"
+    out = run_generate(tmp_path, f"generate.data_file='{own}'", "generate.data_file_share=0.5")
+    rows = [json.loads(line) for name in ("train", "val", "test") for line in (out / f"{name}.jsonl").open()]
+    mine = [json.loads(line) for line in own.open()]
+    assert len(rows) == 2 * len(mine)
+    by_id = {row["id"]: row for row in rows}
+    assert all(by_id[m["id"]]["text"] == m["text"] and by_id[m["id"]]["source"] == "file" for m in mine)
+    assert len({" ".join(r["text"].casefold().split()) for r in rows}) == len(rows)   # no text twice
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["data_file"]["rows"] == len(mine) and stats["total"] == len(rows)
+    assert f"{len(mine)} rows from realistic.jsonl" in (out / "README.md").read_text()
+    again = run_generate(tmp_path / "again", f"generate.data_file='{own}'", "generate.data_file_share=0.5")
+    assert (again / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()   # the same seeded split
+
+
+@pytest.mark.parametrize("third_line, needle", [
+    ({"text": "buy a unicorn", "action": "add", "product": "Unicorn", "quantity": 1},
+     ":3: product 'Unicorn' is not in the catalog"),
+    ({"text": "add 3 milk", "action": "add", "product": "Milk", "quantity": 1000}, ":3: quantity must be an integer"),
+    ({"text": "ADD  two milks", "action": "add", "product": "Milk", "quantity": 2}, ":3: the same text as line 1"),
+    ({"text": "add milk", "action": "add", "product": "Milk", "quantity": 1, "lang": "de"}, ":3: lang must be one of"),
+])
+def test_a_bad_row_of_your_file_is_one_line_exit_2(tmp_path, third_line, needle):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"text": "add two milks", "action": "add", "product": "Milk", "quantity": 2},
+            {"text": "quita un jabón", "action": "remove", "product": "Hand Soap", "quantity": 1, "lang": "es"},
+            third_line]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    argv = ["--config", SMOKE, "--set", f"run.artifacts_dir='{tmp_path}'", "--set", f"generate.data_file='{path}'"]
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"generate.data_file: {path}{needle}" in proc.stderr.replace("\n", "")
+    assert not (tmp_path / "smoke" / "data").exists()
