@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.lib.catalog import load_catalog  # noqa: E402
+from stages.lib.catalog import run_catalog  # noqa: E402
 from stages.lib.task import build_prompt, is_valid, parse_output, read_split  # noqa: E402
 
 
@@ -37,7 +37,8 @@ def main() -> int:
     backend = GGUFBackend(path, n_threads=threads)
     prompts = [build_prompt(t) for t in texts]
     free = [parse_output(c.text) for c in backend.generate(prompts)]
-    constrained = [parse_output(c.text) for c in backend.generate(prompts, constrained=True)]
+    products = run_catalog(args.run).names
+    constrained = [parse_output(c.text) for c in backend.generate(prompts, constrained=True, products=products)]
     del backend
     llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     grammar = LlamaGrammar.from_string((folder / "answer.gbnf").read_text(), verbose=False)
@@ -50,7 +51,7 @@ def main() -> int:
              "chat_answer_grammar": [chat(t, grammar=grammar) for t in texts],
              "chat_generic_schema_grammar": [chat(t, response_format={"type": "json_object", "schema": schema})
                                              for t in texts]}
-    names = set(load_catalog().names)
+    names = set(products)
     reference = {"chat": free, "chat_answer_grammar": constrained, "chat_generic_schema_grammar": constrained}
     result = {"file": str(path), "n": len(texts), "template_in_file": "tokenizer.chat_template" in llm.metadata}
     for name, answers in paths.items():

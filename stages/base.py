@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.lib import artifacts, cli
+from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.models import PACKAGED_MODELS, SHAPE_TWINS, model_slug
 from stages.lib.task import read_split
@@ -204,7 +205,7 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
         cli.console.rule(f"base model {spec}")
         if spec == "tiny":
             from stages.base_tiny import build_tiny
-            records[slug] = build_tiny(cfg, train, val, run_cfg.seed, folder)
+            records[slug] = build_tiny(cfg, train, val, run_cfg.seed, folder, run_catalog(run_dir))
             tiny_dir = folder
         elif spec in SHAPE_TWINS:
             records[slug] = make_shape_twin(spec, tiny_dir, train, run_cfg.seed, folder)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from stages.lib.cli import console
-from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, load_catalog
+from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
 from stages.lib.task import INSTRUCTION, format_answer
 
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
@@ -23,9 +23,8 @@ TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eo
                     "model_max_length": 4096, "padding_side": "left"}
 
 
-def knowledge_lines(repeats: int) -> list[str]:
+def knowledge_lines(catalog: Catalog, repeats: int) -> list[str]:
     """Product names in every language and form, number words: 'pastu za zube (hr) = Toothpaste'."""
-    catalog = load_catalog()
     lines = []
     for product in catalog.products:
         for lang in LANGUAGES:
@@ -60,12 +59,12 @@ def copy_lines(texts: list[str], count: int, rng: random.Random) -> list[str]:
     return lines
 
 
-def build_corpus(train: list[dict], cfg, rng: random.Random) -> list[str]:
+def build_corpus(train: list[dict], cfg, rng: random.Random, catalog: Catalog) -> list[str]:
     texts = [ex["text"] for ex in train]
     answers = [format_answer(ex["action"], ex["product"], ex["quantity"]) for ex in train]
     rng.shuffle(answers)  # answers alone, in another order than their messages
     # The instruction is ordinary English a base model would have read; it keeps prompts short in tokens.
-    lines = (texts + answers + [INSTRUCTION] * 50 + knowledge_lines(cfg.dictionary_repeats)
+    lines = (texts + answers + [INSTRUCTION] * 50 + knowledge_lines(catalog, cfg.dictionary_repeats)
              + copy_lines(texts, cfg.copy_lines, rng))
     rng.shuffle(lines)
     return lines
@@ -137,14 +136,14 @@ def fewshot_shots(train: list[dict], rng: random.Random, per_lang: int = 1) -> l
     return shots
 
 
-def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path) -> dict:
+def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path, catalog: Catalog) -> dict:
     import torch
     from rich.progress import Progress
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from stages.lib.generation import exact_match_rate
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    corpus = build_corpus(train, cfg, rng)
+    corpus = build_corpus(train, cfg, rng, catalog)
     train_tokenizer(corpus, cfg.vocab_size, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     config = LlamaConfig(

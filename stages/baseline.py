@@ -85,20 +85,19 @@ def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConf
     from stages.lib.backends import TransformersBackend
     backend = TransformersBackend.load(path)
     began = time.perf_counter()
-    answers = backend.generate(prompts, batch_size=cfg.batch_size)
+    with cli.progress(f"{spec} answers", len(prompts)) as advance:
+        answers = backend.generate(prompts, batch_size=cfg.batch_size, on_done=advance)
     return answers, {"examples_per_s": round(len(prompts) / (time.perf_counter() - began), 2)}
 
 
 def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
-    from rich.progress import Progress
     from stages.lib.api_client import OpenAICompatible
     from stages.lib.task import ANSWER_TOKENS
     client = OpenAICompatible(model, cfg.api, cache, "baseline.api.max_requests",
                               log=lambda line: cli.console.print(Text(line, style="yellow")))
     began = time.perf_counter()
-    with Progress(console=cli.console) as bar:
-        task = bar.add_task(model, total=len(prompts))
-        answers = client.answer_all(prompts, ANSWER_TOKENS, on_done=lambda: bar.advance(task))
+    with cli.progress(f"{model} answers", len(prompts)) as advance:
+        answers = client.answer_all(prompts, ANSWER_TOKENS, on_done=advance)
     return answers, {"examples_per_s": round(len(prompts) / (time.perf_counter() - began), 2),
                      "endpoint": client.base_url, **client.stats}
 
@@ -113,14 +112,14 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
     if cli.already_done(stage, args):
         return 0
     from stages.lib.api_client import ApiUnavailable, ResponseCache
-    from stages.lib.catalog import load_catalog
+    from stages.lib.catalog import run_catalog
     from stages.lib.metrics import score, summarize
     from stages.lib.task import build_prompt
     train = read_split(run_dir, "train")
     examples = read_split(run_dir, "test")[: cfg.limit or None]
     shots = pick_shots(train, cfg.shots, cfg.shot_seed)
     prompts = [build_prompt(ex["text"], shots) for ex in examples]
-    catalog_names = set(load_catalog().names)
+    catalog_names = set(run_catalog(run_dir).names)
     cache = ResponseCache(run_dir / ".cache" / "api" / "responses.jsonl")
     out = stage.fresh_tmp()
     (out / "predictions").mkdir()

@@ -48,13 +48,13 @@ class EvaluateConfig:
 def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
     """The run's test split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
     with id, lang and noise filled in where a hand-written file leaves them out."""
-    from stages.lib.catalog import load_catalog
+    from stages.lib.catalog import run_catalog
     from stages.lib.task import BadExamples, read_examples, read_split
     if data_path is None:
         rows = read_split(run_dir, "test")
     else:
         try:
-            rows = read_examples(data_path, set(load_catalog().names))
+            rows = read_examples(data_path, set(run_catalog(run_dir).names))
         except BadExamples as err:
             raise ConfigError(str(err)) from None
     return [{"id": row.get("id", f"row-{number}"), "lang": row.get("lang", "unknown"), "noise": row.get("noise", []),
@@ -83,12 +83,14 @@ def load_backend(kind: str, path: Path, threads: int):
     return GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path)
 
 
-def run_variant(backend, kind: str, prompts: list[str], mode: str, cfg: EvaluateConfig) -> tuple[list, dict]:
-    """All answers of one variant in one decoding mode, with its speed record."""
+def run_variant(backend, kind: str, prompts: list[str], mode: str, cfg: EvaluateConfig,
+                products: list[str]) -> tuple[list, dict]:
+    """All answers of one variant in one decoding mode (constrained: to products), with its speed record."""
     constrained = mode == "constrained"
     kwargs = {"batch_size": cfg.batch_size} if kind != "gguf" and not constrained else {}
     began = time.perf_counter()
-    completions = backend.generate(prompts, constrained=constrained, **kwargs)
+    with cli.progress(f"{mode} decoding", len(prompts)) as advance:
+        completions = backend.generate(prompts, constrained=constrained, products=products, on_done=advance, **kwargs)
     seconds = time.perf_counter() - began
     speed = {"examples_per_s": round(len(prompts) / seconds, 2), "wall_s": round(seconds, 2),
              "model_calls_per_answer": round(sum(c.model_calls for c in completions) / len(completions), 2),
@@ -118,12 +120,12 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
                                PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    from stages.lib.catalog import load_catalog
+    from stages.lib.catalog import run_catalog
     from stages.lib.metrics import mcnemar, score, summarize
     from stages.lib.task import build_prompt
     examples = load_examples(run_dir, data_path if args.data else None)[: cfg.limit or None]
     prompts = [build_prompt(ex["text"]) for ex in examples]
-    catalog_names = set(load_catalog().names)
+    products = run_catalog(run_dir).names
     out = stage.fresh_tmp()
     (out / "predictions").mkdir()
     rows, reference = [], {}
@@ -134,8 +136,8 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
         cli.console.rule(f"{name} ({variant['kind']})")
         backend = load_backend(variant["kind"], variant["path"], cfg.threads)
         for mode in cfg.decoding:
-            completions, speed = run_variant(backend, variant["kind"], prompts, mode, cfg)
-            scored = score(examples, completions, catalog_names)
+            completions, speed = run_variant(backend, variant["kind"], prompts, mode, cfg, products)
+            scored = score(examples, completions, set(products))
             artifacts.write_jsonl(out / "predictions" / f"{name.replace('/', '__')}__{mode}.jsonl", scored)
             slug = name.split("/")[0]
             reference.setdefault(slug, [r["correct"] for r in scored])  # the first row: fp16, free or constrained

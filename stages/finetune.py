@@ -18,7 +18,8 @@ checkpoint; anything else starts fresh and says so. Nothing half-trained is publ
     python -m stages.finetune --config configs/smoke.toml     # under 2 minutes on CPU
 
 Writes artifacts/<run>/finetune/<slug>/adapter/ and history.json (per-step loss, learning rate and
-grad norm; per-evaluation loss and exact match; tokens/s of the trainer and of the plain loop).
+grad norm; per-evaluation loss and exact match; tokens/s of the trainer and of the plain loop), and with
+report_to = ["tensorboard"] the same scalars as TensorBoard events in tensorboard/ (`tensorboard --logdir`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class FinetuneConfig:
     plain_loop_steps: int = 0         # time a plain PyTorch LoRA loop for N steps first (0: skip)
     logging_steps: int = 25
     progress_every_s: float = 30.0    # a progress line this often when the output is not a terminal
+    report_to: list[str] = field(default_factory=list)   # ["tensorboard"]: events in finetune/<slug>/tensorboard/
 
     def validate(self) -> None:
         require(self.quant_type in ("nf4", "fp4"), "quant_type", '"nf4" or "fp4"')
@@ -90,6 +92,7 @@ class FinetuneConfig:
         require(not (self.shared_prefix and self.gradient_checkpointing), "shared_prefix",
                 "false when gradient_checkpointing is true (checkpointed layers keep no key/value cache)")
         require(0 < self.progress_every_s < 1e6, "progress_every_s", "seconds > 0")
+        require(set(self.report_to) <= {"tensorboard"}, "report_to", '[] or ["tensorboard"]')
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -229,6 +232,16 @@ def plain_loop_tokens_per_s(model, rows: list[dict], cfg: FinetuneConfig, pad_id
     return {"steps": cfg.plain_loop_steps, "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def tensorboard_callbacks(cfg: FinetuneConfig, out: Path) -> list:
+    """report_to = ["tensorboard"]: the Trainer's logged scalars (loss, learning rate, grad norm, eval loss and
+    exact match) as TensorBoard events in the model's own folder, written by the pinned tensorboardX."""
+    if "tensorboard" not in cfg.report_to:
+        return []
+    from tensorboardX import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    return [TensorBoardCallback(SummaryWriter(logdir=str(out / "tensorboard")))]
+
+
 def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: dict, meter: dict):
     """Exact match at each evaluation, the per-step log, step timing and progress lines, all into `record`;
     `meter` holds the tokens and seconds of the timed steps (all but this process's first)."""
@@ -327,7 +340,8 @@ def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list
     trainer = make_trainer_class(meter)(
         model=model, args=training_arguments(cfg, checkpoints, seed, cuda, bf16), train_dataset=train_rows,
         eval_dataset=eval_rows, data_collator=Collate(tokenizer.pad_token_id, prefix_len),
-        processing_class=tokenizer, callbacks=make_callbacks(tokenizer, probe, cfg, result, meter))
+        processing_class=tokenizer,
+        callbacks=make_callbacks(tokenizer, probe, cfg, result, meter) + tensorboard_callbacks(cfg, out))
     resume = last_checkpoint(checkpoints)
     if resume:
         cli.console.print(f"  resuming from {resume.name}")

@@ -10,12 +10,14 @@ message. Same config and seed give byte-identical files.
     python -m stages.generate --config configs/tiny.toml
     python -m stages.generate --config configs/smoke.toml --set generate.n_examples=300   # seconds
 
-Writes artifacts/<run>/data/{train,val,test}.jsonl, stats.json and a dataset card README.md.
+Writes artifacts/<run>/data/{train,val,test}.jsonl, catalog.json (the catalog used), stats.json and a dataset card
+README.md.
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,8 +31,9 @@ from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib import artifacts, cli
 from stages.lib.api_client import ApiSettings
 from stages.lib.cards import card, dataset_meta
-from stages.lib.catalog import LANGUAGES, Catalog, indefinite, load_catalog, quantity_phrase, unit_phrase
-from stages.lib.config import as_dict, require
+from stages.lib.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, CatalogError, indefinite, load_catalog,
+                                quantity_phrase, unit_phrase)
+from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.task import MAX_QUANTITY
 
 TEMPLATES_PATH = Path(__file__).parent / "generate_templates.json"
@@ -52,6 +55,9 @@ class GenerateConfig:
     # whole; generated examples are added so that the file's rows are data_file_share of the dataset.
     data_file: str = ""
     data_file_share: float = 1.0
+    # A product catalog of your own, shaped like stages/lib/catalog.json ("": the shipped 48 products); it is
+    # copied to data/catalog.json, and every later stage, the schema and /v1/intent follow it.
+    catalog: str = ""
     seed: int = 1234
     test_fraction: float = 0.10       # held out first, as the paper did
     val_fraction: float = 0.10        # of the rest, split with split_seed
@@ -211,9 +217,14 @@ def dataset_card(stats: dict, cfg: GenerateConfig, run_name: str, llm_section: s
 
 
 def run(run_cfg, cfg: GenerateConfig, args) -> int:
-    catalog = load_catalog()
+    catalog_path = Path(cfg.catalog) if cfg.catalog else CATALOG_PATH
+    try:
+        catalog = load_catalog(catalog_path)
+    except CatalogError as err:
+        raise ConfigError(f"generate.catalog: {err}") from None
     own = read_own_rows(Path(cfg.data_file), set(catalog.names)) if cfg.data_file else []
-    inputs = {"data_file": artifacts.sha256_file(Path(cfg.data_file))} if own else {}
+    inputs = {"catalog": artifacts.sha256_file(catalog_path),
+              **({"data_file": artifacts.sha256_file(Path(cfg.data_file))} if own else {})}
     stage = artifacts.StageRun("generate", "data", run_cfg.run_dir, as_dict(cfg), inputs,
                                artifacts.code_hash(__file__), ["rich"])
     if cli.already_done(stage, args):
@@ -230,6 +241,7 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
                 return 1   # endpoint down or budget spent: said so, nothing published, answers so far cached
         splits = split(own + examples, cfg)
     out = stage.fresh_tmp()
+    shutil.copyfile(catalog_path, out / RUN_CATALOG)   # the catalog travels with the data it labels
     for name, rows in splits.items():
         artifacts.write_jsonl(out / f"{name}.jsonl", rows)
     stats = statistics(splits, redrawn)

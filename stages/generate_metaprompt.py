@@ -11,6 +11,7 @@ import random
 import re
 import unicodedata
 
+from stages.lib import cli
 from stages.lib.catalog import NUMBER_WORDS, Catalog
 
 LANGUAGE_NAMES = {"en": "English", "hr": "Croatian", "es": "Spanish"}
@@ -178,7 +179,9 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
             # attempt k of example i: its own sampling seed, so its own cached request
             extra = {"temperature": cfg.llm_temperature, "seed": rng.randrange(2**31)}
             requests.append((style, noise, build_prompt(examples[i], style, noise, catalog), extra))
-        answers = client.answer_all([r[2] for r in requests], cfg.llm_max_tokens, extras=[r[3] for r in requests])
+        with cli.progress(f"LLM messages, attempt {k + 1}", len(requests)) as advance:
+            answers = client.answer_all([r[2] for r in requests], cfg.llm_max_tokens, on_done=advance,
+                                        extras=[r[3] for r in requests])
         attempts += len(requests)
         still = []
         for i, (style, noise, _, _), answer in zip(pending, requests, answers):

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from stages.gguf_bundle import write_bundle
 from stages.lib import artifacts, cli
+from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
 from stages.lib.models import count_parameters, quantization_sources
@@ -120,23 +121,24 @@ def build_one(source: dict, cfg: GGUFConfig, probe: list[str], out: Path) -> dic
         for record in variants.values():
             record["parity"] = {"skipped": reason}
     else:
-        reference = [c.text for c in TransformersBackend.load(Path(source["path"])).generate(probe)]
+        with cli.progress("FP16 parity answers", len(probe)) as advance:
+            reference = [c.text for c in TransformersBackend.load(Path(source["path"])).generate(probe, on_done=advance)]
         for type_name, path in files.items():
             with llama_log_to(out / "load.log"):
                 backend = GGUFBackend(path, n_threads=threads)
-            outputs = [c.text for c in backend.generate(probe)]
+            with cli.progress(f"{type_name} parity answers", len(probe)) as advance:
+                outputs = [c.text for c in backend.generate(probe, on_done=advance)]
             variants[type_name]["parity"] = {"prompts": len(probe),
                                              "identical_to_fp16": round(agreement(outputs, reference), 4)}
             del backend
     return {"spec": source["spec"], "source": source["kind"], "parameters": parameters, "variants": variants}
 
 
-def bundle(folder: Path, source: dict, variants: dict, merged: dict, run_name: str) -> list[str]:
+def bundle(folder: Path, source: dict, variants: dict, merged: dict, products: list[str], run_name: str) -> list[str]:
     """The schema, grammar, Modelfiles and card beside a merged model's GGUF files."""
     from transformers import AutoTokenizer
-    from stages.lib.catalog import load_catalog
     eos_token = AutoTokenizer.from_pretrained(source["path"]).eos_token
-    return write_bundle(folder, source["spec"], variants, merged, eos_token, load_catalog().names, run_name)
+    return write_bundle(folder, source["spec"], variants, merged, eos_token, products, run_name)
 
 
 def run(run_cfg, cfg: GGUFConfig, args) -> int:
@@ -170,7 +172,8 @@ def run(run_cfg, cfg: GGUFConfig, args) -> int:
             return 1
         if source["kind"] == "merged":
             results[slug]["bundle"] = bundle(out / slug, source, results[slug]["variants"],
-                                             manifests["merge"]["results"]["models"][slug], run_cfg.name)
+                                             manifests["merge"]["results"]["models"][slug],
+                                             run_catalog(run_dir).names, run_cfg.name)
     stage.results.update(llama_cpp_commit=commit, llama_cpp_python=llama_cpp.__version__,
                          cpu_features=llama_cpp.llama_print_system_info().decode().strip(), models=results)
     stage.publish()

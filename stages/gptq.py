@@ -98,8 +98,10 @@ def quantize_one(source: dict, cfg: GPTQConfig, texts: list[str], probe: list[st
     if source["kind"] == "shape" or not probe:
         record["parity"] = {"skipped": "shape twin: random weights" if probe else "parity_prompts = 0"}
         return record
-    reference = [c.text for c in TransformersBackend.load(Path(source["path"])).generate(probe)]
-    outputs = [c.text for c in quantized.generate(probe)]
+    with cli.progress("FP16 parity answers", len(probe)) as advance:
+        reference = [c.text for c in TransformersBackend.load(Path(source["path"])).generate(probe, on_done=advance)]
+    with cli.progress("GPTQ parity answers", len(probe)) as advance:
+        outputs = [c.text for c in quantized.generate(probe, on_done=advance)]
     record["parity"] = {"prompts": len(probe), "identical_to_fp16": round(agreement(outputs, reference), 4)}
     return record
 

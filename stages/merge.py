@@ -85,7 +85,8 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
 
     prompts = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
     peft_model = PeftModel.from_pretrained(load(weights_dir(record)), adapter_dir)
-    reference = greedy_generate(peft_model, tokenizer, prompts)
+    with cli.progress("base+adapter answers", len(prompts)) as advance:
+        reference = greedy_generate(peft_model, tokenizer, prompts, on_done=advance)
     merged = peft_model.merge_and_unload()
     merged.to(save_dtype).save_pretrained(out, safe_serialization=True)
     merged.generation_config.save_pretrained(out)
@@ -97,9 +98,11 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
     del peft_model, merged
 
     reloaded = load(out)
-    merged_outputs = greedy_generate(reloaded, tokenizer, prompts)
+    with cli.progress("merged answers", len(prompts)) as advance:
+        merged_outputs = greedy_generate(reloaded, tokenizer, prompts, on_done=advance)
     agreement = sum(a == b for a, b in zip(reference, merged_outputs)) / len(prompts)
-    val_em, _ = exact_match_rate(reloaded, tokenizer, val)
+    with cli.progress("merged validation exact match", len(val)) as advance:
+        val_em, _ = exact_match_rate(reloaded, tokenizer, val, on_done=advance)
     results = {"base": record["spec"], "dtype": cfg.dtype, "parity_prompts": len(prompts),
                "parity_agreement": round(agreement, 4), "val_exact_match": round(val_em, 4),
                "val_examples": len(val), "parameters": sum(p.numel() for p in reloaded.parameters())}

@@ -31,6 +31,7 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.lib import artifacts, cli, hardware
+from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
 from stages.lib.task import read_split
 
@@ -111,14 +112,14 @@ class _TimedStepper:
         return out
 
 
-def _constrained_request(backend, stepper, prompt: str) -> dict:
+def _constrained_request(backend, stepper, prompt: str, products: list[str]) -> dict:
     from stages.lib.backends import answer_schema
     from stages.lib.constrained import common_prefix, decode
     llm, tokens = backend.llm, stepper.tokenize(prompt)
     keep = min(common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens), len(tokens) - 1)
     stepper.calls = []
     began = time.perf_counter()
-    result = decode(stepper, backend.vocabulary(), answer_schema(), prompt)
+    result = decode(stepper, backend.vocabulary(), answer_schema(tuple(products)), prompt)
     latency = time.perf_counter() - began
     generated = len(stepper.tokenize(prompt + result.text)) - len(tokens)
     return {"prompt_tokens": len(tokens), "processed_tokens": len(tokens) - keep, "generated_tokens": generated,
@@ -184,7 +185,7 @@ def worker(spec_file: Path) -> int:
             if mode == "prefix_cached_constrained":
                 backend.vocabulary()  # built once, before timing
                 stepper = _TimedStepper(backend.stepper())
-                one = lambda i: _constrained_request(backend, stepper, prompts[i])  # noqa: E731
+                one = lambda i: _constrained_request(backend, stepper, prompts[i], spec["products"])  # noqa: E731
             else:
                 keep = shared if mode == "prefix_cached" else 0
                 llm.reset()
@@ -194,7 +195,11 @@ def worker(spec_file: Path) -> int:
                                                          spec["max_tokens"])
             for i in range(spec["warmup"]):
                 one(i % len(prompts))
-            requests = [{"mode": mode, "index": i, **one(i)} for i in range(len(prompts))]
+            requests = []
+            with cli.progress(f"{Path(spec['path']).name} {mode}", len(prompts)) as advance:
+                for i in range(len(prompts)):
+                    requests.append({"mode": mode, "index": i, **one(i)})
+                    advance()
             timed += requests
             outputs[mode] = [r["output"] for r in requests]
             rows[mode] = _summary(requests)
@@ -271,6 +276,7 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     from stages.lib.task import ANSWER_TOKENS, build_prompt
     test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
+    products = run_catalog(run_dir).names
     threads = cfg.threads or len(os.sched_getaffinity(0))
     out = stage.fresh_tmp()
     (out / "requests").mkdir()
@@ -294,7 +300,7 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
                     "n_ctx": cfg.n_ctx, "fixed_tokens": fixed, "max_tokens": ANSWER_TOKENS, "result": str(out / f"{name}.json"),
                     "requests_file": str(out / "requests" / f"{name}.jsonl"),
                     "reference_prompt_tokens": cfg.reference_prompt_tokens,
-                    "reference_new_tokens": cfg.reference_new_tokens}
+                    "reference_new_tokens": cfg.reference_new_tokens, "products": products}
             try:
                 result = hardware.run_worker("stages.profile_cpu", spec, cfg.timeout_s)
             except RuntimeError as err:

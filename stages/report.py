@@ -16,8 +16,10 @@ figures/*.png, tables.json (every table's numbers).
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +298,24 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def write_csv_tables(blocks: list[tuple], folder: Path) -> list[str]:
+    """Every table also as CSV, cell for cell as the HTML shows it, named after its section
+    (tables/<nn>-<section>.csv); returns the file names."""
+    folder.mkdir()
+    section, names = "report", []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            section = re.sub(r"[^a-z0-9]+", "-", rest[0].lower()).strip("-")[:48]
+        elif kind == "table":
+            name = f"{len(names) + 1:02d}-{section}.csv"
+            with open(folder / name, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(rest[0])
+                writer.writerows(rest[1])
+            names.append(name)
+    return names
+
+
 def render(blocks: list[tuple], out: Path) -> None:
     """The same blocks as Markdown and as one self-contained HTML file (figures inlined as base64)."""
     md, body = [], []
@@ -440,6 +460,18 @@ def recommendation_blocks(recommendation: dict) -> list[tuple]:
     return blocks
 
 
+def timing_blocks(manifests: dict) -> list[tuple]:
+    """Each stage folder's wall time (from its manifest) and the chain's total, in the order they finished."""
+    timed = sorted(((folder, m) for folder, m in manifests.items() if isinstance(m.get("wall_s"), (int, float))),
+                   key=lambda item: item[1].get("finished", ""))
+    total = sum(m["wall_s"] for _, m in timed)
+    rows = [[folder, fmt(m["wall_s"], 1), fmt(m["wall_s"] / 60, 1), fmt(100 * m["wall_s"] / total, 0) if total else "–",
+             m.get("finished", "")] for folder, m in timed]
+    return [("h2", "Time per stage"),
+            ("table", ["stage folder", "wall s", "minutes", "% of the chain", "finished"],
+             rows + [["chain total", fmt(total, 1), fmt(total / 60, 1), "100", ""]])]
+
+
 def environment_blocks(data: dict) -> list[tuple]:
     """Hosts, package versions, the llama.cpp commit and every stage's hashes."""
     blocks: list[tuple] = [("h2", "Environment")]
@@ -478,10 +510,10 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     if cpu or gpu:
         blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
                        "Figure 6: load time of each variant"))
-    blocks += [*recommendation_blocks(recommendation), *environment_blocks(data)]
+    blocks += [*recommendation_blocks(recommendation), *timing_blocks(data["manifests"]), *environment_blocks(data)]
     render(blocks, out)
     return {"accuracy": accuracy, "cpu": cpu, "gpu": gpu, "recommendation": recommendation,
-            "figures": sorted(p.name for p in fig_dir.glob("*.png"))}
+            "figures": sorted(p.name for p in fig_dir.glob("*.png")), "csv": write_csv_tables(blocks, out / "tables")}
 
 
 def run(run_cfg, cfg: ReportConfig, args) -> int:

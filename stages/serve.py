@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from stages.lib import cli
 from stages.lib.artifacts import StageBusy
 from stages.lib.backends import GGUFBackend
-from stages.lib.catalog import load_catalog
+from stages.lib.catalog import run_catalog
 from stages.lib.intent import IntentModel, ServeConfig, gguf_path
 from stages.lib.llama_internals import server_llama
 from stages.lib.task import answer_gbnf, answer_json_schema
@@ -86,7 +86,7 @@ class AnswerSchemaAsGrammar:
         await self.app({**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}, replay, send)
 
 
-def create_app(path: Path, cfg: ServeConfig):
+def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     """llama-cpp-python's OpenAI-compatible app with /v1/intent added on the same model."""
     import contextlib
 
@@ -100,8 +100,7 @@ def create_app(path: Path, cfg: ServeConfig):
     model = ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx, verbose=False,
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
-    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars)
-    products = load_catalog().names
+    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products)
     app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products))
 
     @app.post("/v1/intent", tags=["cart intent"])
@@ -134,7 +133,7 @@ def serve(run, cfg: ServeConfig, args) -> int:
     import uvicorn
     claim_port(cfg.host, cfg.port)
     path = gguf_path(run, cfg)
-    app = create_app(path, cfg)
+    app = create_app(path, cfg, run_catalog(run.run_dir).names)
     cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} (/v1/intent, /v1/chat/completions, "
                       f"/v1/models)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

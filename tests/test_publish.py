@@ -32,7 +32,7 @@ def test_the_plan_sends_what_a_user_needs_and_nothing_else(quantized):
                             "someone/cart-intent-smoke-tiny-gguf"}
     data = uploads["someone/cart-intent-smoke"]
     assert data["repo_type"] == "dataset"
-    assert set(data["files"]) == {"README.md", "stats.json", "train.jsonl", "val.jsonl", "test.jsonl"}
+    assert set(data["files"]) == {"README.md", "stats.json", "catalog.json", "train.jsonl", "val.jsonl", "test.jsonl"}
     gguf = set(uploads["someone/cart-intent-smoke-tiny-gguf"]["files"])
     assert {"README.md", "schema.json", "answer.gbnf", "Modelfile", "model-Q4_K_M.gguf", "model-f16.gguf"} <= gguf
     assert not {f for f in gguf if f.endswith(".log") or f == "manifest.json"}

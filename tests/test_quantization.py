@@ -48,7 +48,9 @@ def test_gptq_folder_records_and_loads_in_gptqmodel_and_transformers(quantized):
     assert record["calibration_per_language"] == {"en": 16, "es": 16, "hr": 16}
     assert record["calibration_texts_used"] == 48 and record["quantize_s"] > 0 and record["kernel"]
     assert record["bits_per_weight"] < 16 and record["size_vs_fp16"] < 1
-    assert 0 <= record["parity"]["identical_to_fp16"] <= 1
+    # 4-bit g128 of the smoke model gives the same greedy answers as FP16 on 20/20 validation prompts here;
+    # a broken quantization (or parity check) falls far below
+    assert record["parity"]["prompts"] == 20 and record["parity"]["identical_to_fp16"] >= 0.8
     folder = quantized / "gptq" / "tiny"
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["bits"] == 4

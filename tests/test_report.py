@@ -141,3 +141,53 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
 def test_report_without_eval_names_make_target(tmp_path):
     proc = stage("report", tmp_path, check=False)
     assert proc.returncode == 3 and "make evaluate" in proc.stderr
+
+
+def html_tables(page: str) -> list[list[list[str]]]:
+    """Every <table> of the page as rows of cell texts (header row first)."""
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+    parser = Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def test_every_table_is_also_csv_with_the_same_cells_and_the_chain_is_timed(tmp_path):
+    import csv
+    run = build_run(tmp_path)
+    stage("report", tmp_path)
+    out = run / "report"
+    names = json.loads((out / "tables.json").read_text())["csv"]
+    tables = html_tables((out / "report.html").read_text())
+    assert names == sorted(p.name for p in (out / "tables").glob("*.csv")) and len(names) == len(tables)
+    for name, table in zip(names, tables):
+        with open(out / "tables" / name, newline="", encoding="utf-8") as fh:
+            assert list(csv.reader(fh)) == table, name
+    [timing] = [name for name in names if name.endswith("-time-per-stage.csv")]
+    with open(out / "tables" / timing, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    walls = [json.loads(p.read_text()).get("wall_s") for p in run.glob("**/manifest.json") if p.parent.name != "report"]
+    total = sum(w for w in walls if isinstance(w, (int, float)))
+    assert rows[-1][0] == "chain total" and float(rows[-1][1].replace(",", "")) == round(total, 1)
+    assert len(rows) - 2 == sum(isinstance(w, (int, float)) for w in walls)

@@ -77,6 +77,36 @@ def test_finetune_resumes_after_sigterm(chain, tmp_path):
     assert (run_dir / "finetune" / "tiny" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def read_events(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_events_hold_the_logged_steps(chain, tmp_path):
+    run_dir = tmp_path / "smoke"
+    run_dir.mkdir()
+    for folder in ("data", "base"):
+        os.symlink(chain / folder, run_dir / folder)
+    stage("finetune", tmp_path, "--set", 'finetune.report_to=["tensorboard"]', "--set", "finetune.plain_loop_steps=0")
+    history = json.loads((run_dir / "finetune" / "tiny" / "history.json").read_text())
+    events = read_events(run_dir / "finetune" / "tiny" / "tensorboard")
+    logged = [(row["step"], row["loss"]) for row in history["step_log"] if "loss" in row]
+    assert [step for step, _ in events["train/loss"]] == [step for step, _ in logged]
+    assert [round(v, 4) for _, v in events["train/loss"]] == [round(v, 4) for _, v in logged]
+    assert "eval/loss" in events and "train/learning_rate" in events
+
+
 def test_missing_upstream_names_make_target(tmp_path):
     proc = stage("finetune", tmp_path, check=False)
     assert proc.returncode == 3 and "make generate" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,12 +2,13 @@
 
 `backend.generate(prompts)` returns one `Completion` per prompt (raw text, token counts, model
 calls, seconds), greedy, stopped once the JSON object closes or after `max_new_tokens`;
-`generate(prompts, constrained=True)` decodes only valid answers with jump-forward
+`generate(prompts, constrained=True, products=...)` decodes only valid answers (over a run's catalog) with jump-forward
 (stages/lib/constrained.py). Quantization parity, evaluation and profiling all call this, so a
 variant is scored and timed by one code path.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -17,28 +18,31 @@ from . import llama_internals
 from .task import ANSWER_TOKENS, Completion
 
 
-_SCHEMA = None
+@functools.lru_cache(maxsize=4)
+def answer_schema(products: tuple[str, ...]) -> schema_decoding.AnswerSchema:
+    """The valid answers over a catalog's products (built once per catalog: 96 k strings for 48 products)."""
+    return schema_decoding.AnswerSchema(list(products))
 
 
-def answer_schema() -> schema_decoding.AnswerSchema:
-    global _SCHEMA
-    if _SCHEMA is None:
-        from .catalog import load_catalog
-        _SCHEMA = schema_decoding.AnswerSchema(load_catalog().names)
-    return _SCHEMA
-
-
-def constrained_generate(backend, prompts: list[str]) -> list[Completion]:
+def constrained_generate(backend, prompts: list[str], products: list[str], on_done=None) -> list[Completion]:
     """Schema-constrained greedy answers, one prompt at a time, through the back end's stepper."""
     stepper, results = backend.stepper(), []
     for prompt in prompts:
         began = time.perf_counter()
-        result = schema_decoding.decode(stepper, backend.vocabulary(), answer_schema(), prompt)
+        result = schema_decoding.decode(stepper, backend.vocabulary(), answer_schema(tuple(products)), prompt)
         prompt_ids = stepper.tokenize(prompt)
         new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
         results.append(Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began,
                                   result.model_calls))
+        if on_done:
+            on_done(1)
     return results
+
+
+def default_products() -> list[str]:
+    """The shipped catalog's products, for callers that name no run."""
+    from .catalog import load_catalog
+    return load_catalog().names
 
 
 def answer_text(text: str) -> str:
@@ -84,10 +88,11 @@ class TransformersBackend:
         return _TransformersStepper(self.model, self.tokenizer)
 
     def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 32,
-                 constrained: bool = False) -> list[Completion]:
+                 constrained: bool = False, products: list[str] | None = None, on_done=None) -> list[Completion]:
+        """on_done(n) after every n answers (progress)."""
         import torch
         if constrained:
-            return constrained_generate(self, prompts)
+            return constrained_generate(self, prompts, products or default_products(), on_done)
         tok, results = self.tokenizer, []
         self.model.eval()
         for start in range(0, len(prompts), batch_size):
@@ -103,6 +108,8 @@ class TransformersBackend:
                 ended = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
                 results.append(Completion(tok.decode(row[:ended], skip_special_tokens=True),
                                           sum(mask), ended, seconds, ended))
+            if on_done:
+                on_done(len(batch["input_ids"]))
         return results
 
 
@@ -182,9 +189,10 @@ class GGUFBackend:
         return _LlamaStepper(self.llm)
 
     def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS,
-                 constrained: bool = False) -> list[Completion]:
+                 constrained: bool = False, products: list[str] | None = None, on_done=None) -> list[Completion]:
+        """on_done(1) after every answer (progress)."""
         if constrained:
-            return constrained_generate(self, prompts)
+            return constrained_generate(self, prompts, products or default_products(), on_done)
         llm, results = self.llm, []
         eos = llm.token_eos()
         for prompt in prompts:
@@ -198,6 +206,8 @@ class GGUFBackend:
                     break
             text = llm.detokenize(new, prev_tokens=tokens).decode("utf-8", errors="replace")
             results.append(Completion(text, len(tokens), len(new), time.perf_counter() - began, len(new)))
+            if on_done:
+                on_done(1)
         return results
 
 

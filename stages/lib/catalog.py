@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-CATALOG_PATH = Path(__file__).with_name("catalog.json")
+CATALOG_PATH = Path(__file__).with_name("catalog.json")   # the shipped 48 products
+RUN_CATALOG = "catalog.json"   # the catalog a run uses, in its data/ folder
 LANGUAGES = ("en", "hr", "es")
 
 NUMBER_WORDS = {
@@ -67,28 +68,49 @@ def _check_forms(where: str, forms: dict, lang: str) -> None:
 
 
 def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
-    """Load and check the catalog; a malformed entry raises CatalogError naming it."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Load and check a catalog file; a malformed one raises CatalogError naming the file and the entry."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return _build(path, data)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CatalogError(f"{path}: not a readable JSON catalog ({err})") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CatalogError(f"{path}: not shaped like stages/lib/catalog.json ({type(err).__name__}: {err})") from None
+
+
+def _build(path: Path, data: dict) -> Catalog:
     units = data["units"]
     for unit, langs in units.items():
         for lang in LANGUAGES:
             _check_forms(f"{path}: unit {unit} ({lang})", langs[lang], lang)
-    products, seen = [], {}
+    products, seen, names = [], {}, set()
     for entry in data["products"]:
+        name = entry["name"]
+        if not isinstance(name, str) or not name.strip() or name in names:
+            raise CatalogError(f"{path}: product name {name!r} is empty or given twice")
+        names.add(name)
         for lang in LANGUAGES:
             if not entry.get(lang):
-                raise CatalogError(f"{path}: {entry['name']} has no {lang} names")
+                raise CatalogError(f"{path}: {name} has no {lang} names")
             for forms in entry[lang]:
-                _check_forms(f"{path}: {entry['name']} ({lang})", forms, lang)
+                _check_forms(f"{path}: {name} ({lang})", forms, lang)
                 surface = (lang, forms.get("sg") or forms["nom_sg"])
-                if seen.setdefault(surface, entry["name"]) != entry["name"]:
-                    raise CatalogError(f"{path}: {surface[1]!r} names both {seen[surface]} and {entry['name']}")
+                if seen.setdefault(surface, name) != name:
+                    raise CatalogError(f"{path}: {surface[1]!r} names both {seen[surface]} and {name}")
         unknown_units = set(entry.get("units", [])) - set(units)
         if unknown_units:
-            raise CatalogError(f"{path}: {entry['name']} uses unknown units {sorted(unknown_units)}")
-        products.append(Product(entry["name"], bool(entry["mass"]), tuple(entry.get("units", [])),
+            raise CatalogError(f"{path}: {name} uses unknown units {sorted(unknown_units)}")
+        products.append(Product(name, bool(entry["mass"]), tuple(entry.get("units", [])),
                                 {lang: entry[lang] for lang in LANGUAGES}))
+    if len(products) < 2:
+        raise CatalogError(f"{path}: needs at least 2 products")
     return Catalog(tuple(products), units, tuple(data["brands"]))
+
+
+def run_catalog(run_dir: Path) -> Catalog:
+    """The catalog a run's data was generated from (data/catalog.json, copied there by generate)."""
+    path = Path(run_dir) / "data" / RUN_CATALOG
+    return load_catalog(path if path.is_file() else CATALOG_PATH)
 
 
 def hr_count_class(n: int) -> str:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import threading
+import time
+from contextlib import contextmanager
 from typing import Callable
 
 from rich.console import Console
@@ -93,3 +96,34 @@ def show_results(title: str, rows: dict[str, dict], columns: list[str]) -> None:
         cells = [str(row.get(c, "")) for c in columns] if "skipped" not in row else [f"skipped: {row['skipped']}"]
         table.add_row(*(Text(cell) for cell in (str(name), *cells)))
     console.print(table)
+
+
+# A progress line this often when the output is not a terminal (a log file, CI); CART_PROGRESS_EVERY_S overrides.
+PROGRESS_EVERY_S = float(os.environ.get("CART_PROGRESS_EVERY_S") or 30)
+
+
+@contextmanager
+def progress(description: str, total: int, every_s: float = PROGRESS_EVERY_S):
+    """Count, rate and ETA of a long loop. Yields advance(n=1): a rich bar on a terminal; otherwise one line
+    every `every_s` seconds and one at the end, so a log shows the work as it happens."""
+    if console.is_terminal:
+        from rich.markup import escape
+        from rich.progress import MofNCompleteColumn, Progress
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as bar:
+            task = bar.add_task(escape(description), total=total)   # a model name is user text
+            yield lambda n=1: bar.advance(task, n)
+        return
+    began = last = time.monotonic()
+    done, lock = 0, threading.Lock()   # API answers arrive on worker threads
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        with lock:
+            done += n
+            now = time.monotonic()
+            if not (now - last >= every_s or done >= total):
+                return
+            last, count, rate = now, done, done / max(now - began, 1e-9)
+        eta = f", ETA {(total - count) / rate:.0f} s" if count < total else f" in {now - began:.0f} s"
+        console.print(Text(f"{description}: {count}/{total}, {rate:.2f}/s{eta}"))
+    yield advance

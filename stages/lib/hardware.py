@@ -144,22 +144,36 @@ class PeakRSS:
 
 def run_worker(module: str, spec: dict, timeout_s: int) -> dict:
     """`python -m <module> --worker SPEC` in a fresh process, so load time and memory are its own; returns the
-    JSON it wrote to spec["result"]. A failure or timeout raises RuntimeError with the worker's last line."""
+    JSON it wrote to spec["result"]. Its progress lines are passed through as they come; a failure or timeout
+    raises RuntimeError with the worker's last line; an interrupt stops the worker too."""
     import json
     import sys
     result = Path(spec["result"])
     spec_file = result.with_name(result.stem + ".spec.json")
     spec_file.write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, "-m", module, "--worker", str(spec_file)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, errors="replace")
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    last = "(no output)"
     try:
-        proc = subprocess.run([sys.executable, "-m", module, "--worker", str(spec_file)],
-                              capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{module} worker on {spec['path']} ran past {timeout_s} s") from None
+        for line in proc.stderr:
+            if line.strip():
+                last = line.strip()
+                sys.stderr.write("  " + line)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     finally:
+        timed_out = not timer.is_alive() and proc.returncode != 0
+        timer.cancel()
         spec_file.unlink()
+    if timed_out:
+        raise RuntimeError(f"{module} worker on {spec['path']} ran past {timeout_s} s")
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{module} worker on {spec['path']} failed (exit {proc.returncode}): {tail}")
+        raise RuntimeError(f"{module} worker on {spec['path']} failed (exit {proc.returncode}): {last}")
     value = json.loads(result.read_text())
     result.unlink()
     return value

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .artifacts import MissingArtifact
 from .backends import GGUFBackend
-from .catalog import load_catalog
 from .config import require
 from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
 
@@ -51,9 +50,9 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
 class IntentModel:
     """Text -> (HTTP status, answer): constrained decoding, then parse and schema check."""
 
-    def __init__(self, backend: GGUFBackend, max_text_chars: int):
+    def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str]):
         self.backend, self.max_text_chars = backend, max_text_chars
-        self.names = set(load_catalog().names)
+        self.products, self.names = list(products), set(products)
         self.lock = threading.Lock()   # one llama context is not thread-safe
         backend.vocabulary()           # built once, before the first request
 
@@ -82,7 +81,8 @@ class IntentModel:
             return 422, {"detail": problem}
         began = time.perf_counter()
         with self.lock:
-            [completion] = self.backend.generate([build_prompt(text.strip())], constrained=True)
+            [completion] = self.backend.generate([build_prompt(text.strip())], constrained=True,
+                                                 products=self.products)
         latency = round(time.perf_counter() - began, 4)
         pred = parse_output(completion.text)
         if not is_valid(pred, self.names):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import MissingArtifact
-from .catalog import load_catalog
+from .catalog import run_catalog
 
 ACTIONS = ("add", "remove")
 FIELDS = ("action", "product", "quantity")
@@ -167,7 +167,7 @@ def example_problem(row, catalog_names: set[str]) -> str | None:
     if row["action"] not in ACTIONS:
         return f"action must be one of {', '.join(ACTIONS)}, not {row['action']!r}"
     if not isinstance(row["product"], str) or row["product"] not in catalog_names:
-        return f"product {row['product']!r} is not in the catalog (stages/lib/catalog.json)"
+        return f"product {row['product']!r} is not in the catalog"
     quantity = row["quantity"]
     if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
         return f"quantity must be an integer from 1 to {MAX_QUANTITY}, not {quantity!r}"
@@ -200,6 +200,6 @@ def read_examples(path: Path, catalog_names: set[str]) -> list[dict]:
 def read_split(run_dir: Path, split: str) -> list[dict]:
     """A run's data/<split>.jsonl, every row checked: a bad row is a bad upstream artifact (exit 3)."""
     try:
-        return read_examples(run_dir / "data" / f"{split}.jsonl", set(load_catalog().names))
+        return read_examples(run_dir / "data" / f"{split}.jsonl", set(run_catalog(run_dir).names))
     except BadExamples as err:
         raise MissingArtifact(f"{err}: regenerate it with `make generate FORCE=1` (same CONFIG)") from None
