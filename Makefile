@@ -18,6 +18,8 @@ REGISTRY ?= localhost
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 FILE ?=
 STAGES ?=
+# the runs `make compare` puts side by side (names under artifacts/)
+RUNS ?=
 # a hand-written labelled set scored beside the test split by `make evaluate`, free decoding (empty: skip)
 REALISTIC ?= datasets/realistic.jsonl
 
@@ -48,14 +50,14 @@ FORCED = $(and $(filter-out 0,$(FORCE)),$(filter $(subst _,-,$(1)) all,$(MAKECMD
 # Inside a container the server listens on all of the container's interfaces; compose.yaml publishes
 # its port on the host's 127.0.0.1 only.
 CONTAINER_SET_serve := --set serve.host=0.0.0.0
-STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(call FORCED,$(1)), --force)$(if $(filter docker,$(RUNNER)), $(CONTAINER_SET_$(1)))
+STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(call FORCED,$(1)), --force)$(if $(and $(filter docker,$(RUNNER)),$(CONTAINER_SET_$(1))), $(CONTAINER_SET_$(1)))
 SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
 FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))
 export REGISTRY
 unexport FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict publish test test-unit clean venv images push pull export import
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict compare publish test test-unit clean venv images push pull export import
 
 ## Show this help
 help:
@@ -161,6 +163,10 @@ export: $(SETUP)
 import: $(SETUP)
 	@test -n "$(FILE)" || { echo "make import needs FILE=<archive>.tar.gz (written by make export)"; exit 2; }
 	$(call IN,transfer,$(FILE_MOUNT)) -m stages.transfer import $(abspath $(FILE))
+
+## One report over several runs: make compare RUNS="smollm2 tiny" -> artifacts/compare/<run>-vs-<run>/
+compare: $(SETUP)
+	$(call STAGE,compare) --runs $(RUNS)
 
 ## Upload chosen folders to the Hugging Face Hub after checking cards and files (HF_TOKEN; DRY_RUN=1: plan only)
 publish: $(SETUP)

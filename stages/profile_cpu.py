@@ -159,9 +159,14 @@ def _plain_reference(llm, prompt_tokens: list[int], new_tokens: int, repeats: in
             prompt_tokens, max_tokens=new_tokens, temperature=0.0, logit_bias={llm.token_eos(): -1e9}, stream=True)]
         runs.append(((len(stamps) - 1) / (stamps[-1] - stamps[0]), llama_cpp.llama_perf_context(context(llm))))
     rate, counters = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    # llama-bench's view of the same repeats: pp<prompt tokens> and tg<new tokens>, t/s mean and std
+    pp = [c.n_p_eval / c.t_p_eval_ms * 1000 for _, c in runs]
+    tg = [c.n_eval / c.t_eval_ms * 1000 for _, c in runs]
     return {"prompt_tokens": len(prompt_tokens), "new_tokens": new_tokens, "decode_tok_s": round(rate, 2),
             "counters_prompt_tok_s": round(counters.n_p_eval / counters.t_p_eval_ms * 1000, 2),
-            "counters_decode_tok_s": round(counters.n_eval / counters.t_eval_ms * 1000, 2)}
+            "counters_decode_tok_s": round(counters.n_eval / counters.t_eval_ms * 1000, 2), "repeats": repeats,
+            "pp_tok_s_mean": round(statistics.mean(pp), 2), "pp_tok_s_std": round(statistics.pstdev(pp), 2),
+            "tg_tok_s_mean": round(statistics.mean(tg), 2), "tg_tok_s_std": round(statistics.pstdev(tg), 2)}
 
 
 def worker(spec_file: Path) -> int:

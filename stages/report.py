@@ -15,16 +15,13 @@ figures/*.png, tables.json (every table's numbers).
 """
 from __future__ import annotations
 
-import base64
-import csv
-import html
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import artifacts, cli
+from stages.lib.render import fmt, render, write_csv_tables
 from stages import report_figures as figures
 from stages.lib.config import as_dict, require
 
@@ -175,7 +172,7 @@ def cpu_rows(data: dict, accuracy: list[dict], sizes: dict) -> list[dict]:
                        decode_vs_plain=r.get("decode_vs_plain"), paper_tok_s=paper.get("tok_s"),
                        paper_ram_gb=paper.get("ram_gb") if isinstance(paper.get("ram_gb"), float) else None,
                        paper_ram=paper.get("ram_gb"), paper_latency_mean_s=paper.get("mean_s"),
-                       paper_p95_s=paper.get("p95_s"))
+                       paper_p95_s=paper.get("p95_s"), plain=r.get("plain_llama_cpp") or {})
     return sorted(rows.values(), key=lambda r: (r["host"], r["model"], figures.order_key(r["variant"])))
 
 
@@ -237,8 +234,6 @@ def pareto_points(accuracy: list[dict], cpu: list[dict], sizes: dict) -> list[di
     return points
 
 
-# ---- rendering ----------------------------------------------------------------------------------------------
-
 def other_sets_blocks(data: dict) -> list[tuple]:
     """Every extra labelled set (`evaluate --data`, e.g. hand-written messages) beside the synthetic test split."""
     if not data["other_sets"]:
@@ -286,68 +281,6 @@ def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
                          "commented next to its value in the run's config file."),
                    ("table", ["setting", "paper", "this run"], deviations)]
     return blocks
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None or value == "":
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-        return f"[{fmt(value[0])}, {fmt(value[1])}]"
-    return str(value)
-
-
-def write_csv_tables(blocks: list[tuple], folder: Path) -> list[str]:
-    """Every table also as CSV, cell for cell as the HTML shows it, named after its section
-    (tables/<nn>-<section>.csv); returns the file names."""
-    folder.mkdir()
-    section, names = "report", []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            section = re.sub(r"[^a-z0-9]+", "-", rest[0].lower()).strip("-")[:48]
-        elif kind == "table":
-            name = f"{len(names) + 1:02d}-{section}.csv"
-            with open(folder / name, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(rest[0])
-                writer.writerows(rest[1])
-            names.append(name)
-    return names
-
-
-def render(blocks: list[tuple], out: Path) -> None:
-    """The same blocks as Markdown and as one self-contained HTML file (figures inlined as base64)."""
-    md, body = [], []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            md.append(("# " if kind == "h1" else "## ") + rest[0])
-            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
-        elif kind in ("p", "note"):
-            md.append(("> " if kind == "note" else "") + rest[0])
-            body.append(f'<p class="{kind}">{html.escape(rest[0])}</p>')
-        elif kind == "table":
-            headers, rows = rest
-            md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-            md += ["| " + " | ".join(cells) + " |" for cells in rows]
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-        elif kind == "figure":
-            path, caption = rest
-            md.append(f"![{caption}](figures/{path.name})\n\n*{caption}*")
-            encoded = base64.b64encode(path.read_bytes()).decode()
-            body.append(f'<figure><img src="data:image/png;base64,{encoded}" alt="{html.escape(caption)}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        md.append("")
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}figcaption{font-size:13px;color:#555}.note{background:#fff6d5;padding:.6em;"
-             "border-left:4px solid #e0b000}")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Report</title>"
-                                     f"<style>{style}</style></head><body>{''.join(body)}</body></html>", encoding="utf-8")
 
 
 def intro_blocks(run_name: str, data: dict) -> list[tuple]:
@@ -415,6 +348,24 @@ def cpu_blocks(cpu: list[dict], points: list[dict], fig_dir: Path) -> list[tuple
     else:
         blocks.append(("p", "No CPU profile in this run (run `make profile-cpu`)."))
     return blocks
+
+
+def bench_blocks(cpu: list[dict], manifests: dict) -> list[tuple]:
+    """llama-bench's table (prompt processing pp<N>, token generation tg<M>, t/s mean ± std over the repeats,
+    llama.cpp's own counters) from each file's plain llama-cpp-python reference run."""
+    models = manifests.get("gguf", {}).get("results", {}).get("models", {})
+    rows = []
+    for r in cpu:
+        plain, params = r.get("plain") or {}, models.get(r["model"], {}).get("parameters")
+        for kind, tokens in (("pp", plain.get("prompt_tokens")), ("tg", plain.get("new_tokens"))):
+            if f"{kind}_tok_s_mean" in plain:
+                rows.append([r["host"], r["model"], r["variant"], f"{r['bytes'] / 2**20:.2f} MiB",
+                             f"{params / 1e6:.1f} M" if params else "–", str(r["threads"]), f"{kind}{tokens}",
+                             f"{plain[f'{kind}_tok_s_mean']:.2f} ± {plain[f'{kind}_tok_s_std']:.2f}"])
+    if not rows:
+        return []
+    return [("h2", "llama-bench style rows (plain llama-cpp-python, llama.cpp's counters)"),
+            ("table", ["host", "model", "type", "size", "params", "threads", "test", "t/s"], rows)]
 
 
 def gpu_blocks(gpu: list[dict], skipped: dict, fig_dir: Path) -> list[tuple]:
@@ -505,7 +456,7 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     recommendation = recommend(accuracy, cpu, gpu, sizes, cfg.accuracy_margin)
     blocks = [*intro_blocks(run_name, data), *accuracy_blocks(accuracy, fig_dir), *other_sets_blocks(data),
               *training_blocks(data["manifests"].get("finetune", {}), fig_dir),
-              *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir),
+              *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir), *bench_blocks(cpu, data["manifests"]),
               *gpu_blocks(gpu, data["gpu_skipped"], fig_dir)]
     if cpu or gpu:
         blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),

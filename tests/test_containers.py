@@ -26,7 +26,7 @@ SERVICE_IMAGES = {"generate": "python", "report": "python", "baseline-api": "pyt
                   "base": "train", "finetune": "train", "merge": "train", "gptq": "gptq",
                   "profile-gpu": "gpu", "evaluate-gpu": "gpu",
                   "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "cpu",
-                  "predict": "cpu", "publish": "python"}
+                  "predict": "cpu", "publish": "python", "compare": "python"}
 # Final stages that keep a compiler on purpose: gptqmodel's kernels and triton compile just in time.
 JIT_IMAGES = {"gptq", "gpu"}
 COMPILER_PACKAGES = re.compile(r"\b(build-essential|cmake|gcc|g\+\+|clang)\b")

@@ -37,7 +37,10 @@ def cpu_rows(scale):
                          "load_s": 0.1, "threads": 2, "peak_rss_bytes": 60_000_000, "decode_tok_s": tok_s * 2 * scale,
                          "e2e_tok_s": tok_s * scale, "prompt_tok_s": 5000.0, "latency_mean_s": 0.02 * factor,
                          "latency_p95_s": 0.03 * factor, "latency_vs_naive": factor, "bandwidth_share": 0.4,
-                         "identical_to_naive": 1.0, "decode_vs_plain": 0.97})
+                         "identical_to_naive": 1.0, "decode_vs_plain": 0.97,
+                         **({"plain_llama_cpp": {"prompt_tokens": 100, "new_tokens": 32, "pp_tok_s_mean": 900.0 * scale,
+                                                 "pp_tok_s_std": 12.5, "tg_tok_s_mean": tok_s * scale,
+                                                 "tg_tok_s_std": 3.25}} if mode == "naive" else {})})
     return rows
 
 
@@ -45,7 +48,7 @@ def build_run(root):
     run = root / "smoke"
     manifest(run / "base", "base", {"models": {"tiny": {"kind": "tiny"}}})
     manifest(run / "gptq", "gptq", {"models": {"tiny": {"bytes": 2_900_000, "fp16_bytes": 7_900_000}}})
-    manifest(run / "gguf", "gguf", {"llama_cpp_commit": "0c1e57098bba", "models": {"tiny": {"variants": {
+    manifest(run / "gguf", "gguf", {"llama_cpp_commit": "0c1e57098bba", "models": {"tiny": {"parameters": 1_910_016, "variants": {
         t: {"file": f"model-{t}.gguf", "bytes": b} for t, b in SIZES.items()}}}})
     rows = [eval_row(v, "free", em) for v, em in EM.items()] + [eval_row("fp16", "constrained", 0.915)]
     write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}]})
@@ -126,6 +129,9 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     table2 = report.split("## Table 2")[1].split("##")[0]
     assert re.search(r"\| GGUF Q5_K_M \| 0\.930 \| \[0\.910, 0\.950\] \| 1\.000 \|", table2)
     assert "| xeon-8c-bbbbbb | GGUF Q4_K_M | 0.925 | 2.5 | 0.06 | 4,500 | 2,250 |" in report
+    bench = report.split("## llama-bench style rows")[1].split("##")[0]
+    assert "| xeon-8c-bbbbbb | tiny | GGUF Q4_K_M | 2.38 MiB | 1.9 M | 2 | pp100 | 2700.00 ± 12.50 |" in bench
+    assert "| epyc-2c-aaaaaa | tiny | GGUF Q4_K_M | 2.38 MiB | 1.9 M | 2 | tg32 | 750.00 ± 3.25 |" in bench
 
     sets = report.split("## Synthetic test split vs other labelled sets")[1].split("##")[0]
     assert "| synthetic test | – | FP16 | 0.910 |" in sets and "| realistic | 180 | FP16 | 0.880 |" in sets

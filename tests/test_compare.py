@@ -1,0 +1,60 @@
+"""make compare over two runs (fixed result files): the tables equal each run's numbers, the config difference
+is listed, every table is also CSV."""
+import csv
+import json
+import shutil
+
+from conftest import stage
+from test_report import EM, build_run
+
+
+def two_runs(tmp_path):
+    build_run(tmp_path / "a")
+    build_run(tmp_path / "b")
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    shutil.move(tmp_path / "a" / "smoke", root / "first")
+    shutil.move(tmp_path / "b" / "smoke", root / "second")
+    finetune = root / "second" / "finetune" / "manifest.json"
+    record = json.loads(finetune.read_text())
+    record["config"]["lora_r"] = 8
+    finetune.write_text(json.dumps(record))
+    results = root / "second" / "eval" / "results.json"
+    rows = json.loads(results.read_text())
+    for row in rows["rows"]:
+        if row.get("variant") == "tiny/gguf-Q4_K_M":
+            row["exact_match"] = 0.5
+            row["by_language"]["hr"]["exact_match"] = 0.25
+    results.write_text(json.dumps(rows))
+    return root
+
+
+def test_compare_lists_differences_and_each_runs_numbers(tmp_path):
+    root = two_runs(tmp_path)
+    stage("compare", root, "--runs", "first", "second")
+    out = root / "compare" / "first-vs-second"
+    report = (out / "report.md").read_text()
+    assert "| finetune.lora_r | 16 | 8 |" in report
+    assert "| finetune.learning_rate |" not in report   # the same in both: not a difference
+    tables = json.loads((out / "tables.json").read_text())
+    overall = {(r[0], r[1]): r[2:] for r in tables["tables"][1]["rows"]}
+    for variant, em in EM.items():
+        expected = [f"{em:.3f}", "0.500" if variant == "gguf-Q4_K_M" else f"{em:.3f}"]
+        assert overall[(variant, "free")] == expected
+    per_language = {(r[0], r[1], r[2]): r[3:] for r in tables["tables"][2]["rows"]}
+    assert per_language[("gguf-Q4_K_M", "free", "hr")] == [f"{EM['gguf-Q4_K_M'] - 0.1:.3f}", "0.250"]
+    cost = {(r[0], r[1]): r[2:] for r in tables["tables"][3]["rows"]}
+    assert cost[("xeon-8c-bbbbbb", "Q4_K_M")] == ["2,250", "2,250"]
+    for name, table in zip(tables["csv"], tables["tables"]):
+        with open(out / "tables" / name, newline="", encoding="utf-8") as fh:
+            assert list(csv.reader(fh)) == [table["headers"], *table["rows"]]
+    assert (out / "figures" / "exact_match.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_needs_two_evaluated_runs(tmp_path):
+    root = two_runs(tmp_path)
+    shutil.rmtree(root / "second" / "eval")
+    proc = stage("compare", root, "--runs", "first", "second", check=False)
+    assert proc.returncode == 3 and "make evaluate" in proc.stderr
+    proc = stage("compare", root, "--runs", "first", check=False)
+    assert proc.returncode == 2 and "two or more run names" in proc.stderr
