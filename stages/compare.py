@@ -50,7 +50,8 @@ def collect(run_dir: Path) -> dict:
 
 def difference_blocks(data: dict[str, dict]) -> list[tuple]:
     keys = sorted({k for d in data.values() for k in d["config"]})
-    differing = [k for k in keys if len({repr(d["config"].get(k, "–")) for d in data.values()}) > 1]
+    # compared as shown: a key one run lacks and an empty value read the same ("–")
+    differing = [k for k in keys if len({fmt(d["config"].get(k)) for d in data.values()}) > 1]
     rows = [[k, *(fmt(d["config"].get(k, "–")) for d in data.values())] for k in differing]
     return [("h2", "Config differences"),
             ("p", f"{len(differing)} of {len(keys)} config keys differ; models: "
