@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import artifacts, cli
-from stages.lib.config import ConfigError
+from stages.lib.config import ConfigError, is_run_name
 from stages.lib.render import fmt, render, write_csv_tables
 
 
@@ -109,7 +109,7 @@ def figure(data: dict[str, dict], path: Path) -> Path:
 def run(run_cfg, cfg: CompareConfig, args) -> int:
     root = Path(run_cfg.artifacts_dir)
     runs = list(dict.fromkeys(args.runs))
-    if len(runs) < 2 or any(not r.replace("-", "").replace("_", "").isalnum() for r in runs):
+    if len(runs) < 2 or not all(map(is_run_name, runs)):
         raise ConfigError(f"--runs {' '.join(args.runs)}: expected two or more run names (folders under {root})")
     manifests = {name: artifacts.require_stage(root / name, "eval", "evaluate") for name in runs}
     stage = artifacts.StageRun("compare", "-vs-".join(runs), root / "compare", {"runs": runs},

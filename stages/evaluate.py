@@ -49,16 +49,16 @@ def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
     """The run's test split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
     with id, lang and noise filled in where a hand-written file leaves them out."""
     from stages.lib.catalog import run_catalog
-    from stages.lib.task import BadExamples, read_examples, read_split
+    from stages.lib.task import BadExamples, numbered_examples, read_split
     if data_path is None:
-        rows = read_split(run_dir, "test")
+        numbered = list(enumerate(read_split(run_dir, "test"), 1))
     else:
         try:
-            rows = read_examples(data_path, set(run_catalog(run_dir).names))
+            numbered = numbered_examples(data_path, set(run_catalog(run_dir).names))
         except BadExamples as err:
             raise ConfigError(str(err)) from None
-    return [{"id": row.get("id", f"row-{number}"), "lang": row.get("lang", "unknown"), "noise": row.get("noise", []),
-             **{k: row[k] for k in ("text", "action", "product", "quantity")}} for number, row in enumerate(rows, 1)]
+    return [{"id": row.get("id", f"line-{number}"), "lang": row.get("lang", "unknown"), "noise": row.get("noise", []),
+             **{k: row[k] for k in ("text", "action", "product", "quantity")}} for number, row in numbered]
 
 
 def variants(run_dir: Path) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.text import Text
 
 from stages import generate_metaprompt as metaprompt
-from stages.generate_import import read_own_rows, text_key
+from stages.generate_import import read_own_rows
 from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib import artifacts, cli
 from stages.lib.api_client import ApiSettings
@@ -34,7 +34,7 @@ from stages.lib.cards import card, dataset_meta
 from stages.lib.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, CatalogError, indefinite, load_catalog,
                                 quantity_phrase, unit_phrase)
 from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.task import MAX_QUANTITY
+from stages.lib.task import MAX_QUANTITY, text_key
 
 TEMPLATES_PATH = Path(__file__).parent / "generate_templates.json"
 

@@ -3,34 +3,26 @@ the catalog, with the file and line of the first bad one (exit 2); a text given 
 the dataset never holds one text twice. Rows keep their id and language; the rest of the fields are filled in."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from stages.lib.catalog import LANGUAGES
 from stages.lib.config import ConfigError
-from stages.lib.task import BadExamples, read_examples
-
-
-def text_key(text: str) -> str:
-    """Texts that differ only in case or spacing are one text."""
-    return " ".join(text.casefold().split())
+from stages.lib.task import BadExamples, numbered_examples, text_key
 
 
 def read_own_rows(path: Path, catalog_names: set[str]) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"generate.data_file: {path} is not a file (a JSON Lines file of labelled examples)")
     try:
-        read_examples(path, catalog_names)   # every row valid, or the file and line of the first that is not
+        numbered = numbered_examples(path, catalog_names)   # every row valid, or the file and line of the first
     except BadExamples as err:
         raise ConfigError(f"generate.data_file: {err}") from None
     rows, first_line = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row, where = json.loads(line), f"{path}:{number}"
-        lang = row.get("lang", "unknown")
+    for number, row in numbered:
+        where, lang = f"{path}:{number}", row.get("lang", "unknown")
         if lang not in (*LANGUAGES, "unknown"):
-            raise ConfigError(f"generate.data_file: {where}: lang must be one of {', '.join(LANGUAGES)} (or absent), not {lang!r}")
+            raise ConfigError(f"generate.data_file: {where}: lang must be one of {', '.join(LANGUAGES)} (or absent), "
+                              f"not {lang!r}")
         key = text_key(row["text"])
         if key in first_line:
             raise ConfigError(f"generate.data_file: {where}: the same text as line {first_line[key]}")

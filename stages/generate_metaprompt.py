@@ -13,6 +13,7 @@ import unicodedata
 
 from stages.lib import cli
 from stages.lib.catalog import NUMBER_WORDS, Catalog
+from stages.lib.task import text_key
 
 LANGUAGE_NAMES = {"en": "English", "hr": "Croatian", "es": "Spanish"}
 STYLES = {
@@ -166,7 +167,7 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
     for ex in examples:
         ex.setdefault("source", "template")
     # every template text counts as taken (a fallback keeps its own), so no text appears twice in the dataset
-    seen = {" ".join(ex["text"].casefold().split()) for ex in examples}
+    seen = {text_key(ex["text"]) for ex in examples}
     rejected = {reason: 0 for reason in REJECTIONS}
     pending, accepted, attempts = list(indices), 0, 0
     for k in range(cfg.llm_max_attempts):
@@ -186,7 +187,7 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
         still = []
         for i, (style, noise, _, _), answer in zip(pending, requests, answers):
             reason = check_reply(answer.text, examples[i], catalog)
-            key = " ".join(clean_reply(answer.text).casefold().split())
+            key = text_key(clean_reply(answer.text))
             if reason is None and key in seen:
                 reason = "duplicate"
             if reason:

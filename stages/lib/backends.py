@@ -26,10 +26,10 @@ def answer_schema(products: tuple[str, ...]) -> schema_decoding.AnswerSchema:
 
 def constrained_generate(backend, prompts: list[str], products: list[str], on_done=None) -> list[Completion]:
     """Schema-constrained greedy answers, one prompt at a time, through the back end's stepper."""
-    stepper, results = backend.stepper(), []
+    stepper, schema, results = backend.stepper(), answer_schema(tuple(products)), []
     for prompt in prompts:
         began = time.perf_counter()
-        result = schema_decoding.decode(stepper, backend.vocabulary(), answer_schema(tuple(products)), prompt)
+        result = schema_decoding.decode(stepper, backend.vocabulary(), schema, prompt)
         prompt_ids = stepper.tokenize(prompt)
         new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
         results.append(Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began,

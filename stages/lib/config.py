@@ -34,12 +34,17 @@ class RunConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        require(self.name.replace("-", "").replace("_", "").isalnum(), "name",
+        require(is_run_name(self.name), "name",
                 "letters, digits, '-' or '_' (it becomes a folder name)")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.artifacts_dir) / self.name
+
+
+def is_run_name(text: str) -> bool:
+    """A run's folder name: letters, digits, '-' and '_' only (never a path, never empty)."""
+    return text.replace("-", "").replace("_", "").isalnum()
 
 
 def require(condition: bool, key: str, expected: str) -> None:

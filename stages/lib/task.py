@@ -92,6 +92,11 @@ def answer_gbnf(products: list[str]) -> str:
     ]) + "\n"
 
 
+def text_key(text: str) -> str:
+    """Messages that differ only in case or spacing are one text (the dataset never holds one twice)."""
+    return " ".join(text.casefold().split())
+
+
 def build_completion(action: str, product: str, quantity: int) -> str:
     return " " + format_answer(action, product, quantity)
 
@@ -176,6 +181,12 @@ def example_problem(row, catalog_names: set[str]) -> str | None:
 
 def read_examples(path: Path, catalog_names: set[str]) -> list[dict]:
     """Every labelled example of a JSON Lines file, or BadExamples at the first row that is not one."""
+    return [row for _, row in numbered_examples(path, catalog_names)]
+
+
+def numbered_examples(path: Path, catalog_names: set[str]) -> list[tuple[int, dict]]:
+    """(line number, example) for every labelled example of a JSON Lines file, or BadExamples at the first
+    row that is not one."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -191,7 +202,7 @@ def read_examples(path: Path, catalog_names: set[str]) -> list[dict]:
         problem = example_problem(row, catalog_names)
         if problem:
             raise BadExamples(f"{path}:{number}: {problem}")
-        examples.append(row)
+        examples.append((number, row))
     if not examples:
         raise BadExamples(f"{path}: no examples")
     return examples
