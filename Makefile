@@ -57,7 +57,7 @@ export REGISTRY
 unexport FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu report serve predict compare publish test test-unit clean venv images push pull export import
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu loadtest report serve predict compare publish test test-unit clean venv images push pull export import
 
 ## Show this help
 help:
@@ -126,11 +126,15 @@ profile-cpu: gguf
 profile-gpu: gptq
 	$(call STAGE,profile_gpu)
 
+## Requests/s and latency of serve at 1, 4, 8, 16 clients, llama-server vs one context -> artifacts/<run>/profiles/<host>/serve/
+loadtest: gguf
+	$(call STAGE,loadtest)
+
 ## Tables and figures next to the paper's numbers, every host merged -> artifacts/<run>/report/
-report: evaluate baseline profile-cpu profile-gpu
+report: evaluate baseline profile-cpu profile-gpu loadtest
 	$(call STAGE,report)
 
-## Serve a GGUF variant (serve.variant, default Q4_K_M): OpenAI-compatible API + POST /v1/intent on 127.0.0.1:8000
+## Serve a GGUF variant (serve.variant, default Q4_K_M) with llama-server: OpenAI-compatible API + POST /v1/intent on 127.0.0.1:8000
 serve: gguf
 	$(call STAGE,serve)
 
@@ -154,6 +158,11 @@ push:
 pull:
 	@test "$(REGISTRY)" != localhost || { echo "make pull needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
 	@for ref in $$($(HOST_PY) images/tags.py refs); do docker pull $$ref || exit 1; done
+
+## Wheels a GPU host without a package index lacks (requirements/gpu-host.lock, Python GPU_PYTHON=3.12) -> gpu-wheels/
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(HOST_PY) scripts/gpu_host.py download --python-version $(or $(GPU_PYTHON),3.12)$(if $(BUILD_PYTHON), --build-python $(BUILD_PYTHON))
 
 ## Pack the run of CONFIG with its manifests (STAGES=merge,gptq,profiles: some folders) -> FILE or artifacts/<run>.tar.gz
 export: $(SETUP)

@@ -4,11 +4,16 @@
 # host) and GGML_CPU_ALL_VARIANTS on (one CPU backend per x86-64 level, sse4.2 to AVX-512/AMX, the
 # best one for the running CPU chosen at start by images/sitecustomize.py), so an image pulled onto
 # another host benchmarks that host's CPU. torch is the CPU build of the pinned version: no CUDA here.
+# llama-server (serve's default engine) is compiled from the same sdist as one static binary for any
+# x86-64-v3 CPU (AVX2, FMA, F16C), as `make venv` builds it; on arm64 pass
+# --build-arg LLAMA_SERVER_CMAKE_ARGS=-DGGML_NATIVE=OFF.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
+ARG LLAMA_SERVER_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 
 FROM ${PYTHON_IMAGE} AS build
 ARG LLAMA_CPP_COMMIT
+ARG LLAMA_SERVER_CMAKE_ARGS
 # GGML_CPU_ALL_VARIANTS needs GGML_BACKEND_DL (each variant a loadable module); ggml installs those
 # modules to CMAKE_INSTALL_BINDIR, pointed here at the package's own lib folder beside libggml.so.
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -24,11 +29,12 @@ RUN python -m venv /opt/venv \
       "$(grep -o '^torch==[^ ]*' /src/requirements/train.txt)" \
  && /opt/venv/bin/pip install --no-binary llama-cpp-python \
       -r /src/requirements/gguf.txt -r /src/requirements/gptq.txt -r /src/requirements/api.txt
-# llama.cpp's converter from the same sdist (as `make venv` does), and proof that it is the commit
-# the image's label names.
+# llama.cpp's converter and llama-server from the same sdist (as `make venv` does), and proof that it
+# is the commit the image's label names.
 COPY stages/lib/llama_cpp_tools.py /src/llama_cpp_tools.py
 RUN /opt/venv/bin/python /src/llama_cpp_tools.py install \
- && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"
+ && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}" \
+ && /opt/venv/bin/python /src/llama_cpp_tools.py server "${LLAMA_SERVER_CMAKE_ARGS}"
 
 FROM ${PYTHON_IMAGE}
 ARG PROJECT_VERSION=unknown

@@ -7,6 +7,8 @@ Run it on an idle machine; the ratios between rows are the result (one run, same
 
     python scripts/bench_finetune.py --run artifacts/smollm2 --steps 8          # ~4 minutes on 2 cores
     python scripts/bench_finetune.py --run artifacts/smoke --steps 4 --out bench.json
+    python scripts/bench_finetune.py --run artifacts/llama-1b-shape --model llama-3.2-1b-shape --device cuda --last 2
+                                   # QLoRA on CUDA: bf16 LoRA vs the same on a 4-bit NF4 base (scripts/gpu-check.sh)
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.finetune import (Collate, FinetuneConfig, common_prefix_len, completion_loss,  # noqa: E402
                              encode, load_base)
-from stages.lib import artifacts  # noqa: E402
+from stages.lib import artifacts, hardware  # noqa: E402
 from stages.lib.models import base_models, weights_dir  # noqa: E402
 
 # (label, config changes, loss path, shared prefix, batches grouped by length)
@@ -43,26 +45,38 @@ def batches(rows: list[dict], size: int, steps: int, grouped: bool) -> list[list
 
 
 def time_variant(path: Path, cfg: FinetuneConfig, rows: list[dict], pad_id: int, path_kind: str, shared: bool,
-                 grouped: bool, steps: int) -> dict:
+                 grouped: bool, steps: int, device: str) -> dict:
     import torch
     torch.manual_seed(0)
-    model = load_base(path, cfg, torch.float32, False)
+    cuda = device == "cuda"
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = load_base(path, cfg, dtype, cuda)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     collate = Collate(pad_id, common_prefix_len(rows) if shared else 0)
     tokens, seconds = 0, 0.0
     for step, chunk in enumerate(batches(rows, cfg.batch_size, steps, grouped)):
-        batch = collate(chunk)
+        batch = {key: value.to(model.device) for key, value in collate(chunk).items()}
+        sync()
         began = time.perf_counter()
         loss = model(**batch).loss if path_kind == "plain" else completion_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
+        sync()
         if step:  # the first step allocates and warms up
             tokens += sum(len(r["input_ids"]) for r in chunk)
             seconds += time.perf_counter() - began
-    return {"s_per_step": round(seconds / steps, 3), "tokens_per_s": round(tokens / seconds, 1)}
+    row = {"s_per_step": round(seconds / steps, 4), "tokens_per_s": round(tokens / seconds, 1),
+           "compute_dtype": str(dtype).replace("torch.", "")}
+    if cuda:
+        row["peak_vram_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    del model, optimizer
+    return row
 
 
 def main() -> int:
@@ -71,9 +85,21 @@ def main() -> int:
     parser.add_argument("--run", default="artifacts/smollm2", help="a run folder after `make base`")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--out", help="also write the rows here as JSON")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the compute dtype finetune uses there (bf16 where supported)")
+    parser.add_argument("--model", help="a model folder under base/ (default: the first that is not a shape twin)")
+    parser.add_argument("--last", type=int, default=len(VARIANTS), help="time only the last N rows of the table")
     args = parser.parse_args()
     run_dir = Path(args.run)
-    record = next(r for r in base_models(run_dir).values() if r["kind"] != "shape")
+    models = base_models(run_dir)
+    if args.model and args.model not in models:
+        parser.error(f"--model {args.model}: not under {run_dir / 'base'} (there: {', '.join(models)})")
+    if not 1 <= args.last <= len(VARIANTS):
+        parser.error(f"--last must be 1 to {len(VARIANTS)}")
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    record = models[args.model] if args.model else next(r for r in models.values() if r["kind"] != "shape")
     path = weights_dir(record)
     tokenizer = AutoTokenizer.from_pretrained(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -81,15 +107,17 @@ def main() -> int:
     base_cfg = FinetuneConfig(load_in_4bit=False, gradient_checkpointing=False, lora_dropout=0.0, batch_size=8,
                               learning_rate=1e-3)
     results = []
-    for label, changes, path_kind, shared, grouped in VARIANTS:
+    for label, changes, path_kind, shared, grouped in VARIANTS[-args.last:]:
         row = {"variant": label, **time_variant(path, replace(base_cfg, **changes), rows, pad_id, path_kind, shared,
-                                                 grouped, args.steps)}
+                                                 grouped, args.steps, args.device)}
         results.append(row)
         print(json.dumps(row), flush=True)
-    for row in results:  # the yardstick: the textbook loop with the same LoRA settings as the default run
-        row["vs_plain_dropout_0"] = round(row["tokens_per_s"] / results[1]["tokens_per_s"], 2)
-    summary = {"model": record["spec"], "batch_size": 8, "steps": args.steps, "rows": results,
-               "host": artifacts.host_facts()}
+    # the yardstick: the textbook loop with the same LoRA settings as the default run, else the first row timed
+    yardstick = results[1] if args.last == len(VARIANTS) else results[0]
+    for row in results:
+        row["vs_yardstick"] = round(row["tokens_per_s"] / yardstick["tokens_per_s"], 2)
+    summary = {"model": record["spec"], "device": args.device, "batch_size": 8, "steps": args.steps,
+               "yardstick": yardstick["variant"], "rows": results, "host": hardware.host_facts()}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

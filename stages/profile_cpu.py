@@ -33,6 +33,7 @@ from rich.text import Text
 from stages.lib import artifacts, cli, hardware
 from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
+from stages.lib.constrained import Stepper
 from stages.lib.task import read_split
 
 PACKAGES = ["llama-cpp-python", "numpy", "psutil"]
@@ -96,7 +97,7 @@ def _free_request(llm, tokens: list[int], keep: int, fixed: int, max_tokens: int
             "latency_s": ended - began, "output": llm.detokenize(new).decode("utf-8", errors="replace")}
 
 
-class _TimedStepper:
+class _TimedStepper(Stepper):
     """The constrained decoder's stepper, timing each model call (the first one processes the prompt)."""
 
     def __init__(self, stepper):

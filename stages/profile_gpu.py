@@ -194,11 +194,11 @@ def worker(spec_file: Path) -> int:
 
 def gpu_facts() -> dict:
     import torch
-    from importlib import metadata
     props = torch.cuda.get_device_properties(0)
+    versions = artifacts.package_versions(["transformers", "gptqmodel", "bitsandbytes"])  # "not installed" if absent
     return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
             "memory_bytes": props.total_memory, "cuda": torch.version.cuda, "torch": torch.__version__,
-            "driver": (hardware.gpus() or [{}])[0].get("driver"), "gptqmodel": metadata.version("gptqmodel")}
+            "driver": (hardware.gpus() or [{}])[0].get("driver"), **versions}
 
 
 def median_answer_tokens_hf(tokenizer_dir: str, examples: list[dict]) -> int:
@@ -211,8 +211,8 @@ def median_answer_tokens_hf(tokenizer_dir: str, examples: list[dict]) -> int:
 
 def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {name: artifacts.require_stage(run_dir, name, target) for name, target in
-                 (("data", "generate"), ("base", "base"), ("gptq", "gptq"))}
+    upstream = [("data", "generate"), ("base", "base")] + [("gptq", "gptq")] * ("gptq" in cfg.variants)
+    manifests = {name: artifacts.require_stage(run_dir, name, target) for name, target in upstream}
     facts = hardware.fingerprint()
     host = hardware.host_id(facts)
     stage = artifacts.StageRun("profile-gpu", f"profiles/{host}/gpu", run_dir, as_dict(cfg),

@@ -1,9 +1,10 @@
 """report: the paper's tables and figures from this run, next to the paper's published numbers, across hosts.
 
-Reads only what the stages wrote (eval, baseline, gptq/gguf sizes, every profiles/<host>/{cpu,gpu}
+Reads only what the stages wrote (eval, baseline, gptq/gguf sizes, every profiles/<host>/{cpu,gpu,serve}
 and every manifest) and renders: Table 2 (accuracy of baselines and every fine-tuned variant, with
 intervals, validity and the McNemar verdict against FP16), Table 3 (CPU trade-offs per GGUF variant
-and host), the prefix-cache comparison, a GPU table (FP16 vs GPTQ), figures 2-7 of the paper plus a
+and host), the prefix-cache comparison, a GPU table (FP16 vs GPTQ), the serving load test (requests/s
+and latency per engine and client count), figures 2-7 of the paper plus a
 Pareto chart, per-language / per-noise accuracy and the share of the memory-bandwidth limit, the
 deployment recommendation of the paper's section 5.3 computed from this run, and the environment.
 
@@ -77,7 +78,8 @@ def collect(run_dir: Path) -> dict:
             "baseline": artifacts.read_json(run_dir / "baseline" / "results.json"),
             "other_sets": {folder.parent.name.removeprefix("eval-"): artifacts.read_json(folder.parent / "results.json")
                            for folder in sorted(run_dir.glob("eval-*/manifest.json"))},
-            "manifests": {}, "cpu": [], "gpu": [], "hosts": {}, "gpu_skipped": {}, "bandwidth": {}}
+            "manifests": {}, "cpu": [], "gpu": [], "serve": [], "serve_ratios": [], "hosts": {}, "gpu_skipped": {},
+            "bandwidth": {}}
     for manifest_file in sorted(run_dir.glob("*/manifest.json")) + sorted(run_dir.glob("profiles/*/*/manifest.json")):
         data["manifests"][str(manifest_file.parent.relative_to(run_dir))] = artifacts.read_json(manifest_file)
     for folder in sorted(run_dir.glob("profiles/*/*")):
@@ -88,6 +90,10 @@ def collect(run_dir: Path) -> dict:
         if folder.name == "cpu":
             data["bandwidth"][host] = results["bandwidth"]
             data["cpu"] += [{**r, "host": host} for r in results["rows"]]
+        elif folder.name == "serve":
+            served = f"{results['model']} {results['variant']}, {results['serve']['slots']} slots"
+            data["serve"] += [{**r, "host": host, "served": served} for r in results["rows"]]
+            data["serve_ratios"] += [{**r, "host": host} for r in results["ratios"]]
         elif "skipped" in results:
             data["gpu_skipped"][host] = results["skipped"]
         else:
@@ -392,6 +398,30 @@ def gpu_blocks(gpu: list[dict], skipped: dict, fig_dir: Path) -> list[tuple]:
     return blocks
 
 
+def serve_blocks(rows: list[dict], ratios: list[dict], fig_dir: Path) -> list[tuple]:
+    """The load test: each engine under 1..N concurrent clients (beyond the paper, which measured batch 1)."""
+    blocks: list[tuple] = [("h2", "Serving under concurrent clients (beyond the paper)")]
+    if not rows:
+        return blocks + [("p", "No load test in this run (run `make loadtest`).")]
+    blocks.append(("p", "POST /v1/intent over the test split's messages, each client sending its next message when "
+                        "its last is answered. llama-server decodes its slots' requests together; llama-cpp-python "
+                        "serves one at a time. Same as 1 client / evaluate: share of answers identical to that "
+                        "engine's answer at 1 client / to evaluate's constrained decoding of the same message."))
+    blocks.append(("table", ["host", "served", "engine", "clients", "requests", "req/s", "mean s", "P50 s", "P95 s",
+                             "P99 s", "errors", "exact match", "same as 1 client", "same as evaluate"],
+                   [[r["host"], r["served"], r["engine"], str(r["clients"]), str(r["requests"]), fmt(r["requests_per_s"], 2),
+                     fmt(r["latency_mean_s"]), fmt(r["latency_p50_s"]), fmt(r["latency_p95_s"]), fmt(r["latency_p99_s"]),
+                     str(r["errors"]), fmt(r["exact_match"]), fmt(r["same_as_1_client"]), fmt(r["same_as_evaluate"])]
+                    for r in rows]))
+    if ratios:
+        blocks.append(("table", ["host", "engines", "clients", "req/s ratio", "P95 latency ratio"],
+                       [[r["host"], r["engines"], str(r["clients"]), fmt(r["requests_per_s"], 2), fmt(r["latency_p95"], 2)]
+                        for r in ratios]))
+    blocks.append(("figure", figures.serving(rows, fig_dir / "serving.png"),
+                   "Requests/s and P95 latency per engine against concurrent clients"))
+    return blocks
+
+
 def recommendation_blocks(recommendation: dict) -> list[tuple]:
     """The paper's section 5.3, in sentences computed from this run."""
     blocks: list[tuple] = [("h2", "Deployment recommendation (the paper's section 5.3, computed from this run)")]
@@ -457,7 +487,7 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     blocks = [*intro_blocks(run_name, data), *accuracy_blocks(accuracy, fig_dir), *other_sets_blocks(data),
               *training_blocks(data["manifests"].get("finetune", {}), fig_dir),
               *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir), *bench_blocks(cpu, data["manifests"]),
-              *gpu_blocks(gpu, data["gpu_skipped"], fig_dir)]
+              *gpu_blocks(gpu, data["gpu_skipped"], fig_dir), *serve_blocks(data["serve"], data["serve_ratios"], fig_dir)]
     if cpu or gpu:
         blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
                        "Figure 6: load time of each variant"))

@@ -222,6 +222,27 @@ def bandwidth(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def serving(rows: list[dict], path: Path) -> Path:
+    """Requests/s (left) and P95 latency (right) against concurrent clients, one line per host and engine."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in sorted({(r["host"], r["engine"]) for r in rows}):
+        line = sorted((r for r in rows if (r["host"], r["engine"]) == key), key=lambda r: r["clients"])
+        label = key[1] if len({r["host"] for r in rows}) == 1 else f"{key[1]} ({key[0]})"
+        clients = [r["clients"] for r in line]
+        left.plot(clients, [r["requests_per_s"] for r in line], marker="o", label=label)
+        right.plot(clients, [r["latency_p95_s"] for r in line], marker="o", label=label)
+    for ax, ylabel in ((left, "requests / s"), (right, "P95 latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["clients"] for r in rows}), labels=[str(c) for c in sorted({r["clients"] for r in rows})])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    left.legend(frameon=False)
+    return _save(fig, path)
+
+
 def training_curve(curves: dict[str, list[dict]], path: Path) -> Path:
     """Validation exact match (left) and loss (right) against minutes of fine-tuning, one line per model."""
     plt = _plt()

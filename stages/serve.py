@@ -1,7 +1,13 @@
 """serve: one GGUF variant over an OpenAI-compatible HTTP API, plus POST /v1/intent.
 
-llama-cpp-python's server routes (/v1/chat/completions, /v1/completions, /v1/models, ...) and a small
-/v1/intent endpoint share one llama.cpp context (and the server's lock around it). /v1/intent takes
+Two engines (serve.engine). `llama-server` (default): llama.cpp's own server, compiled by `make venv` from
+the pinned llama.cpp, runs as a child process on a private port with `serve.slots` slots decoded together
+(continuous batching); this process stands in front of it. /v1/intent runs the same constrained decoder as
+the in-process engine (and evaluate), each of its model decisions one llama-server call on the slot the
+intent holds (the slot's KV cache keeps everything but the new tokens); every other route (/v1/chat/completions,
+/v1/completions, /v1/models, /health, /slots, /metrics) is passed through, streamed. A client that hangs up
+frees its slot. `llama-cpp-python`: llama-cpp-python's server routes and /v1/intent share one llama.cpp
+context in this process and take turns (one request at a time). /v1/intent takes
 {"text": "..."} and answers the schema-checked {"action", "product", "quantity"} decoded with constrained
 decoding on (plus "raw" and "latency_s"), or 422 {"detail", "raw"} when the answer is not a valid one.
 Bad requests (no text, empty text, over-long text in characters or in tokens for the context, text that is
@@ -11,25 +17,35 @@ with one user message send the training prompt; with the answer's JSON Schema (g
 
     python -m stages.serve --config configs/smollm2.toml                   # http://127.0.0.1:8000
     python -m stages.serve --config configs/smoke.toml --set serve.variant='"F16"' --set serve.port=8080
+    python -m stages.serve --config configs/smollm2.toml --set serve.engine='"llama-cpp-python"'
     curl -s 127.0.0.1:8000/v1/intent -H 'content-type: application/json' -d '{"text": "dodaj 3 paste za zube"}'
 
 Reads artifacts/<run>/gguf/<model>/model-<variant>.gguf (made by `make gguf`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, StrictStr
+from rich.text import Text
 
 from stages.lib import cli
 from stages.lib.artifacts import StageBusy
-from stages.lib.backends import GGUFBackend
+from stages.lib.backends import GGUFBackend, answer_schema
 from stages.lib.catalog import run_catalog
-from stages.lib.intent import IntentModel, ServeConfig, gguf_path
-from stages.lib.llama_internals import server_llama
+from stages.lib.intent import IntentModel, IntentRules, ServeConfig, gguf_path
+from stages.lib.llama_cpp_tools import ToolsMissing
 from stages.lib.task import answer_gbnf, answer_json_schema
+from stages.serve_llama_server import IntentDecoder, LlamaServer, ServerFailed
+
+# hop-by-hop headers (RFC 9110 7.6.1) and the ones the HTTP layers recompute: never passed through
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
+               "host", "content-length"}
 
 
 class IntentRequest(BaseModel):
@@ -86,6 +102,11 @@ class AnswerSchemaAsGrammar:
         await self.app({**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}, replay, send)
 
 
+def alias(path: Path, cfg: ServeConfig) -> str:
+    """The model id /v1/models lists, either engine: <model slug>-<variant>."""
+    return f"{path.parent.name}-{cfg.variant}"
+
+
 def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     """llama-cpp-python's OpenAI-compatible app with /v1/intent added on the same model."""
     import contextlib
@@ -94,10 +115,10 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     from fastapi.responses import JSONResponse
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
+    from stages.lib.llama_internals import server_llama
 
     threads = cfg.threads or None
-    alias = f"{path.parent.name}-{cfg.variant}"
-    model = ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx, verbose=False,
+    model = ModelSettings(model=str(path), model_alias=alias(path, cfg), n_ctx=cfg.n_ctx, verbose=False,
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
     intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products)
@@ -113,6 +134,79 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
         async with contextlib.asynccontextmanager(llama_app.get_llama_proxy)():
             status, answer = await run_in_threadpool(intent, body.text)
         return JSONResponse(answer, status_code=status)
+
+    return app
+
+
+async def unless_disconnected(request, pending, on_gone=None):
+    """The awaitable's result, or None when the client hangs up first: then it is cancelled (and on_gone
+    called), which closes the connection to llama-server, which stops decoding and frees the slot."""
+    work, gone = asyncio.ensure_future(pending), asyncio.ensure_future(request.receive())
+    while True:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            gone.cancel()
+            return work.result()
+        if gone.result().get("type") == "http.disconnect":
+            if on_gone:
+                on_gone()
+            work.cancel()
+            return None
+        gone = asyncio.ensure_future(request.receive())   # more of a body nobody reads: keep listening
+
+
+def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, decoder: IntentDecoder):
+    """/v1/intent decided on llama-server (the in-process engine's constrained decoder, its model calls made
+    by llama-server on one slot) with the same checks; every other route passed through, streamed."""
+    import threading
+
+    import httpx2
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.background import BackgroundTask
+
+    upstream = httpx2.AsyncClient(base_url=server.url, timeout=None, limits=httpx2.Limits(
+        max_connections=None, max_keepalive_connections=4 * cfg.slots))
+    app = FastAPI(title="cart-intent", on_shutdown=[upstream.aclose])
+    app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(rules.products),
+                       grammar=answer_gbnf(rules.products))
+
+    def unavailable(why: str) -> JSONResponse:
+        code = server.exited()
+        return JSONResponse({"detail": f"llama-server exited with code {code}" if code is not None else why},
+                            status_code=503 if code is not None else 502)
+
+    @app.post("/v1/intent", tags=["cart intent"])
+    async def cart_intent(body: IntentRequest, request: Request):
+        """{"text": "..."} -> {"action", "product", "quantity", "raw", "latency_s"}."""
+        problem = rules.check_text(body.text)
+        if problem:
+            return JSONResponse({"detail": problem}, status_code=422)
+        began, cancelled = time.perf_counter(), threading.Event()
+        try:
+            raw = await unless_disconnected(request, run_in_threadpool(decoder, body.text, cancelled), cancelled.set)
+        except ServerFailed as err:
+            return unavailable(str(err))
+        if raw is None:
+            return Response(status_code=499)   # nobody to answer; the slot is already back in the pool
+        status, answer = rules.judge(raw, time.perf_counter() - began)
+        return JSONResponse(answer, status_code=status)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False)
+    async def passthrough(path: str, request: Request):
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
+        sent = upstream.build_request(request.method, "/" + path, params=request.query_params,
+                                      headers=headers, content=await request.body())
+        try:
+            reply = await unless_disconnected(request, upstream.send(sent, stream=True))
+        except httpx2.TransportError as err:
+            return unavailable(f"llama-server did not answer ({type(err).__name__})")
+        if reply is None:
+            return Response(status_code=499)
+        kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
+        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=kept,
+                                 background=BackgroundTask(reply.aclose))
 
     return app
 
@@ -133,10 +227,28 @@ def serve(run, cfg: ServeConfig, args) -> int:
     import uvicorn
     claim_port(cfg.host, cfg.port)
     path = gguf_path(run, cfg)
-    app = create_app(path, cfg, run_catalog(run.run_dir).names)
-    cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} (/v1/intent, /v1/chat/completions, "
-                      f"/v1/models)")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    products = run_catalog(run.run_dir).names
+    routes = "/v1/intent, /v1/chat/completions, /v1/completions, /v1/models"
+    if cfg.engine == "llama-cpp-python":
+        app = create_app(path, cfg, products)
+        cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}; one request at a time)")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        return cli.EXIT_OK
+    from llama_cpp import Llama
+    vocab = Llama(str(path), vocab_only=True, verbose=False)
+    tokenize = lambda data: vocab.tokenize(data, add_bos=True, special=False)  # noqa: E731 - as GGUFBackend
+    rules = IntentRules(tokenize, cfg.n_ctx, cfg.max_text_chars, products)
+    vocabulary = GGUFBackend.wrapping(vocab).vocabulary()
+    try:
+        with LlamaServer(path, cfg, alias(path, cfg)) as server:
+            decoder = IntentDecoder(server, cfg.slots, tokenize, vocabulary, answer_schema(tuple(products)))
+            cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
+                              f"/metrics; llama-server, {cfg.slots} slots)")
+            uvicorn.run(create_proxy_app(server, cfg, rules, decoder), host=cfg.host, port=cfg.port,
+                        log_level="warning")
+    except (ServerFailed, ToolsMissing) as err:
+        cli.console.print(Text.assemble(("serve failed ", "red"), str(err)))
+        return cli.EXIT_FAILED
     return cli.EXIT_OK
 
 

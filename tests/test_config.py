@@ -12,6 +12,7 @@ from stages.finetune import FinetuneConfig
 from stages.generate import GenerateConfig
 from stages.gguf import GGUFConfig
 from stages.gptq import GPTQConfig
+from stages.loadtest import LoadtestConfig
 from stages.merge import MergeConfig
 from stages.profile_cpu import ProfileCPUConfig
 from stages.profile_gpu import ProfileGPUConfig
@@ -33,7 +34,7 @@ def write(tmp_path, text):
 STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
                  "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig,
                  "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig, "report": ReportConfig,
-                 "serve": ServeConfig, "publish": PublishConfig}
+                 "serve": ServeConfig, "publish": PublishConfig, "loadtest": LoadtestConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -92,6 +93,19 @@ def test_bad_values_name_file_and_key(tmp_path, text, needle):
 def test_api_settings_are_one_checked_sub_table(tmp_path, section, text, override, needle):
     with pytest.raises(ConfigError) as err:
         load_stage_config(write(tmp_path, text), section, STAGE_CONFIGS[section], [override] if override else [])
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("section, override, needle", [
+    ("serve", "serve.engine='vllm'", "serve.engine: expected one of llama-server, llama-cpp-python"),
+    ("serve", "serve.slots=0", "serve.slots: expected an integer in [1, 256]"),
+    ("loadtest", "loadtest.engines=['llama-server', 'llama-server']", "loadtest.engines: expected distinct"),
+    ("loadtest", "loadtest.clients=[0, 4]", "loadtest.clients: expected distinct client counts"),
+    ("loadtest", "loadtest.requests=0", "loadtest.requests"),
+])
+def test_serving_settings_are_checked(tmp_path, section, override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_stage_config(write(tmp_path, ""), section, STAGE_CONFIGS[section], [override])
     assert needle in str(err.value)
 
 

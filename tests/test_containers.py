@@ -25,7 +25,7 @@ LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 SERVICE_IMAGES = {"generate": "python", "report": "python", "baseline-api": "python", "transfer": "python",
                   "base": "train", "finetune": "train", "merge": "train", "gptq": "gptq",
                   "profile-gpu": "gpu", "evaluate-gpu": "gpu",
-                  "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "cpu",
+                  "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "cpu", "loadtest": "cpu",
                   "predict": "cpu", "publish": "python", "compare": "python"}
 # Final stages that keep a compiler on purpose: gptqmodel's kernels and triton compile just in time.
 JIT_IMAGES = {"gptq", "gpu"}

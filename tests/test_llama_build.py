@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from stages.lib.llama_cpp_tools import build_key, feature_mismatch, pinned_version, tools_dir
+from stages.lib.llama_cpp_tools import build_key, feature_mismatch, pinned_version, server_binary, tools_dir
 
 PORTABLE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 PORTABLE_INFO = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | OPENMP = 1 | "
@@ -44,3 +44,17 @@ def test_installed_llama_cpp_was_compiled_for_the_recorded_cmake_args():
                           capture_output=True, text=True, check=True).stdout
     assert feature_mismatch(build["cmake_args"], info) == []
     assert build["version"] == pinned_version(ROOT / "requirements" / "gguf.txt")
+
+
+def test_llama_server_is_built_from_the_same_llama_cpp_commit():
+    """serve's default engine: llama-server compiled by `make venv` from the sdist's vendored llama.cpp,
+    reporting the commit the converter came from, with its build recorded."""
+    record = tools_dir() / "BUILD.json"
+    if not record.is_file():
+        pytest.skip("llama.cpp not installed by `make venv` (no BUILD.json): nothing recorded to check against")
+    build = json.loads(record.read_text())
+    assert build["server"]["cmake_args"] == build["cmake_args"] and build["server"]["build_s"] > 0
+    version = subprocess.run([str(server_binary()), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0, version.stderr
+    short = build["commit"][:7]
+    assert f"commit {short}" in version.stdout + version.stderr, (short, version.stderr)

@@ -86,6 +86,20 @@ def build_run(root):
     write(gpu / "fingerprint.json", {"cpu_model": "EPYC", "usable_cores": 16, "isa": ["avx2", "avx512f"],
                                      "ram_bytes": 2**37, "gpus": [{"name": "NVIDIA H200"}], "os": "Linux"})
     manifest(gpu, "profile-gpu")
+    serve = run / "profiles" / "epyc-2c-aaaaaa" / "serve"
+    rows = [{"engine": engine, "clients": c, "requests": 400, "seconds": 400 / rate, "requests_per_s": rate,
+             "latency_mean_s": c / rate, "latency_p50_s": c / rate, "latency_p95_s": 1.5 * c / rate,
+             "latency_p99_s": 2 * c / rate, "errors": 0, "exact_match": 0.95, "same_as_1_client": 1.0,
+             "same_as_evaluate": 1.0, "evaluate_exact_match": 0.95}
+            for engine, rates in (("llama-server", (3.0, 5.0, 6.0)), ("llama-cpp-python", (2.0, 2.0, 2.0)))
+            for c, rate in zip((1, 4, 8), rates)]
+    write(serve / "results.json", {"host": "epyc-2c-aaaaaa", "model": "tiny", "variant": "Q4_K_M",
+                                   "serve": {"slots": 8}, "rows": rows,
+                                   "ratios": [{"clients": 8, "engines": "llama-server / llama-cpp-python",
+                                               "requests_per_s": 3.0, "latency_p95": 0.33}]})
+    write(serve / "fingerprint.json", {"cpu_model": "EPYC-2C-AAAAAA", "usable_cores": 2, "isa": ["avx2"],
+                                       "ram_bytes": 2**34, "gpus": [], "os": "Linux"})
+    manifest(serve, "loadtest")
     return run
 
 
@@ -96,7 +110,8 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     tables = json.loads((out / "tables.json").read_text())
     assert set(tables["figures"]) == {"fig2_accuracy.png", "accuracy_breakdown.png", "fig3_vram.png",
                                       "fig4_gpu_speed_energy.png", "fig5_cpu_speed_ram.png", "fig6_load_times.png",
-                                      "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png", "training_curve.png"}
+                                      "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png", "training_curve.png",
+                                      "serving.png"}
     for name in tables["figures"]:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
@@ -142,6 +157,9 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
                                   ("learning_rate", "0.0002", "0.001"), ("load_in_4bit", "True", "False")):
         assert f"| {key} | {paper} | {run_value} |" in training
     assert "| lora_r |" not in training   # the paper's value: not a deviation
+    serving = report.split("## Serving under concurrent clients")[1].split("##")[0]
+    assert "| epyc-2c-aaaaaa | tiny Q4_K_M, 8 slots | llama-server | 8 | 400 | 6.00 |" in serving
+    assert "| epyc-2c-aaaaaa | llama-server / llama-cpp-python | 8 | 3.00 | 0.33 |" in serving
 
 
 def test_report_without_eval_names_make_target(tmp_path):

@@ -1,5 +1,7 @@
-"""serve and predict on the smoke run's Q4_K_M GGUF: the server on a free 127.0.0.1 port answers valid and
-invalid /v1/intent requests, the OpenAI-compatible routes, and a bounded load test with no failure."""
+"""serve and predict on the smoke run's Q4_K_M GGUF: the server on a free 127.0.0.1 port, with either engine
+(llama-server behind this project's front, and llama-cpp-python in process), answers valid and invalid
+/v1/intent requests, the OpenAI-compatible routes, and a bounded load test with no failure; a client that
+hangs up frees its llama-server slot; the loadtest stage measures both engines."""
 import json
 import socket
 import subprocess
@@ -8,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -44,11 +47,12 @@ def post(port, body, timeout=60):
         return err.code, json.loads(err.read())
 
 
-@pytest.fixture(scope="module")
-def server(quantized):
+@contextmanager
+def running_server(quantized, *sets):
+    """serve on a free port until the block ends; yields (port, process)."""
     port = free_port()
-    proc = subprocess.Popen(command("serve", quantized.parent, f"serve.port={port}", "serve.threads=2"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command("serve", quantized.parent, f"serve.port={port}", "serve.threads=2", *sets),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -59,7 +63,7 @@ def server(quantized):
                 break
             except OSError:
                 time.sleep(0.3)
-        yield port
+        yield port, proc
     finally:
         proc.terminate()
         try:
@@ -67,6 +71,12 @@ def server(quantized):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", params=["llama-server", "llama-cpp-python"])
+def server(request, quantized):
+    with running_server(quantized, f'serve.engine="{request.param}"') as (port, _):
+        yield port
 
 
 def assert_intent(answer):
@@ -164,6 +174,59 @@ def test_bounded_load_200_requests_8_clients(server):
     latencies = sorted(t for _, _, t in results)
     p95 = latencies[int(0.95 * len(latencies)) - 1]
     print(f"\nload test: 200 requests, 8 clients: {200 / seconds:.1f} requests/s, P95 {p95 * 1000:.0f} ms")
+
+
+def get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def wait_for(condition, what, seconds=60):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"{what} within {seconds} s"
+        time.sleep(0.1)
+
+
+def test_client_hanging_up_frees_its_llama_server_slot(quantized):
+    """One slot, a completion that would decode 15,000 tokens: the client closes its connection once the slot
+    is busy; the slot stops decoding (far short of 15,000) and answers the next request."""
+    long_request = {"prompt": "add 3 soaps", "max_tokens": 15000, "ignore_eos": True, "temperature": 0}
+    with running_server(quantized, "serve.slots=1", "serve.n_ctx=16384") as (port, proc):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps(long_request).encode()
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: get(port, "/slots")[0]["is_processing"], "the slot took the request")
+        client.close()
+        wait_for(lambda: not get(port, "/slots")[0]["is_processing"], "the slot was freed")
+        [slot] = get(port, "/slots")
+        assert slot["next_token"][0]["n_decoded"] < 15000, slot["next_token"]
+        status, answer = post(port, {"text": "dodaj 3 paste za zube"})
+        assert status == 200, answer
+        assert proc.poll() is None
+
+
+def test_loadtest_measures_both_engines(quantized):
+    """The loadtest stage on the smoke run: both engines at 1 and 4 clients, every request answered, the
+    answers of the batched server the same as its own at 1 client, results as JSON and CSV."""
+    proc = subprocess.run(command("loadtest", quantized.parent, "serve.threads=2", "loadtest.requests=24",
+                                  "loadtest.clients=[1, 4]", "loadtest.warmup=2"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [folder] = (quantized / "profiles").glob("*/serve")
+    results = json.loads((folder / "results.json").read_text())
+    rows = {(r["engine"], r["clients"]): r for r in results["rows"]}
+    assert set(rows) == {(e, c) for e in ("llama-server", "llama-cpp-python") for c in (1, 4)}
+    for row in rows.values():
+        assert row["requests"] == 24 and row["errors"] == 0, row
+        assert row["requests_per_s"] > 0 and row["latency_p50_s"] <= row["latency_p95_s"] <= row["latency_p99_s"]
+        assert row["same_as_1_client"] == 1.0, row
+    assert rows["llama-server", 1]["exact_match"] == rows["llama-cpp-python", 1]["exact_match"]
+    assert [r["clients"] for r in results["ratios"]] == [1, 4]
+    header = (folder / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"engine", "clients", "requests_per_s", "latency_p95_s", "errors", "exact_match"} <= set(header)
+    assert len(list((folder / "requests").glob("*.jsonl"))) == 4
 
 
 def test_predict_one_text_and_stdin_lines(quantized):

@@ -113,7 +113,7 @@ class TransformersBackend:
         return results
 
 
-class _TransformersStepper:
+class _TransformersStepper(schema_decoding.Stepper):
     """Next-token logits for a token sequence, reusing the KV cache of the longest common prefix."""
 
     def __init__(self, model, tokenizer):
@@ -211,7 +211,7 @@ class GGUFBackend:
         return results
 
 
-class _LlamaStepper:
+class _LlamaStepper(schema_decoding.Stepper):
     """llama.cpp's logits for the last token, keeping the KV cache of the longest common prefix."""
 
     def __init__(self, llm):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 # Every table a run config may hold; a misspelled table is an error, not a silent no-op.
 KNOWN_SECTIONS = (
-    "run", "generate", "base", "finetune", "merge", "gptq", "gguf",
+    "run", "generate", "base", "finetune", "merge", "gptq", "gguf", "loadtest",
     "baseline", "evaluate", "profile_cpu", "profile_gpu", "report", "serve", "publish",
 )
 

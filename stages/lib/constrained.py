@@ -13,8 +13,9 @@ Decoding loop (greedy):
   (token healing), so the model picks the token it was trained to emit there, e.g. ' "remove",' whole;
 - the answer is complete when the text is a valid answer (no closing decode step either).
 
-A back end provides a `Stepper`: `token_strings` (the text each token adds), `tokenize(text)`, and
-`logits(ids)` for the last position, reusing its KV cache for the longest common prefix.
+A back end provides a `Stepper`: `tokenize(text)` and `best(ids, allowed)`, the allowed token the model
+scores highest after `ids` (a back end that has the logits here defines `logits(ids)` for the last position,
+reusing its KV cache for the longest common prefix; one behind a server asks it for the choice).
 """
 from __future__ import annotations
 
@@ -83,11 +84,12 @@ class Vocabulary:
     def allowed(self, schema: AnswerSchema, answer: str) -> list[int]:
         """Tokens that keep `answer` a prefix of a valid answer; states recur across prompts, so memoized."""
         key = (id(schema), answer)
-        if key not in self._memo:
+        found = self._memo.get(key)   # one lookup: another thread (serve) may clear the memo meanwhile
+        if found is None:
             if len(self._memo) > 100_000:
                 self._memo.clear()
-            self._memo[key] = self._walk(schema, answer)
-        return self._memo[key]
+            found = self._memo[key] = self._walk(schema, answer)
+        return found
 
     def _walk(self, schema: AnswerSchema, answer: str) -> list[int]:
         tokens, stack = [], [(self.trie, answer)]
@@ -98,6 +100,20 @@ class Vocabulary:
                     tokens += child.get(None, ())
                     stack.append((child, text + char))
         return tokens
+
+
+class Stepper:
+    """One model decision at a time; subclasses define tokenize() and logits() (or best() itself)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, ids: list[int]):
+        raise NotImplementedError
+
+    def best(self, ids: list[int], allowed: list[int]) -> int:
+        logits = self.logits(ids)
+        return max(allowed, key=lambda t: logits[t])
 
 
 @dataclass
@@ -122,10 +138,9 @@ def decode(stepper, vocabulary: Vocabulary, schema: AnswerSchema, prompt: str,
         allowed = [t for t in vocabulary.allowed(schema, base) if (base + vocabulary.strings[t]).startswith(answer)]
         if not allowed and base != answer:
             base, allowed = answer, vocabulary.allowed(schema, answer)
-        logits = stepper.logits(ids[:-1] if base != answer else ids)
         calls += 1
         if allowed:
-            chosen = base + vocabulary.strings[max(allowed, key=lambda t: logits[t])]
+            chosen = base + vocabulary.strings[stepper.best(ids[:-1] if base != answer else ids, allowed)]
         else:  # no single token fits (a vocabulary without that character): take the first valid one
             chosen = answer + schema.next_chars(answer)[0]
         heal = chosen != answer  # re-choosing the healed token itself: next step decodes without healing

@@ -1,5 +1,6 @@
-"""The served specialist, shared by `serve` (/v1/intent) and `predict`: the [serve] config, which GGUF file
-it names, and text -> checked answer (constrained decoding, parse, schema check)."""
+"""The served specialist, shared by `serve` (/v1/intent), `predict` and `loadtest`: the [serve] config, which
+GGUF file it names, the rules a message and an answer must pass, and text -> checked answer in this process
+(constrained decoding, parse, schema check)."""
 from __future__ import annotations
 
 import threading
@@ -13,15 +14,24 @@ from .config import require
 from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
 
 
+ENGINES = ("llama-server", "llama-cpp-python")
+
+
 @dataclass
 class ServeConfig:
     variant: str = "Q4_K_M"     # a type made by the gguf stage, or "F16"
     model: str = ""             # model slug under <run>/gguf/ ("": the first one found)
     host: str = "127.0.0.1"     # "0.0.0.0" exposes it beyond this machine (as in a container)
     port: int = 8000
+    # "llama-server": llama.cpp's own server, `slots` requests decoded together (continuous batching), this
+    # process in front of it; "llama-cpp-python": one llama.cpp context in this process, one request at a time
+    engine: str = "llama-server"
+    slots: int = 8              # llama-server: requests decoded together; more wait in its queue
+    prompt_cache: bool = True   # llama-server: a slot keeps its last prompt's KV and reuses the common prefix
     threads: int = 0            # llama.cpp threads; 0: every core
     max_text_chars: int = 500   # longer messages are refused (422)
-    n_ctx: int = 512
+    n_ctx: int = 512            # tokens of context per request (per slot; llama-server allocates slots x n_ctx)
+    startup_timeout_s: int = 120  # llama-server: until it answers /health
 
     def validate(self) -> None:
         require(self.variant.replace("_", "").isalnum(), "variant", 'a GGUF type such as "Q4_K_M" or "F16"')
@@ -29,6 +39,9 @@ class ServeConfig:
                                      and self.model.strip(".") == self.model), "model",
                 'a model folder name under <run>/gguf/ such as "smollm2-135m-instruct" (no path), or ""')
         require(1 <= self.port <= 65535, "port", "an integer in [1, 65535]")
+        require(self.engine in ENGINES, "engine", f"one of {', '.join(ENGINES)}")
+        require(1 <= self.slots <= 256, "slots", "an integer in [1, 256]")
+        require(self.startup_timeout_s >= 5, "startup_timeout_s", "seconds >= 5")
         require(self.threads >= 0, "threads", "an integer >= 0 (0: every core)")
         require(self.max_text_chars >= 1, "max_text_chars", "an integer >= 1")
         require(self.n_ctx >= 128, "n_ctx", "an integer >= 128")
@@ -47,14 +60,18 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
     return path
 
 
-class IntentModel:
-    """Text -> (HTTP status, answer): constrained decoding, then parse and schema check."""
+class IntentRules:
+    """What a message must be to be answered, and what makes an answer one: shared by every engine, so
+    /v1/intent keeps one contract whichever decodes. `tokenize(bytes) -> ids` counts what the context holds."""
 
-    def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str]):
-        self.backend, self.max_text_chars = backend, max_text_chars
+    def __init__(self, tokenize, n_ctx: int, max_text_chars: int, products: list[str]):
+        self.tokenize, self.n_ctx, self.max_text_chars = tokenize, n_ctx, max_text_chars
         self.products, self.names = list(products), set(products)
-        self.lock = threading.Lock()   # one llama context is not thread-safe
-        backend.vocabulary()           # built once, before the first request
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """The training prompt of a checked text, as the model's tokens (BOS first; no special tokens parsed
+        from the text, so a message cannot inject a chat marker)."""
+        return self.tokenize(build_prompt(text.strip()).encode("utf-8"))
 
     def check_text(self, text) -> str | None:
         """Why this text cannot be answered, or None. The length limit that matters is in tokens: the prompt
@@ -66,14 +83,34 @@ class IntentModel:
         if len(text.strip()) > self.max_text_chars:
             return f"text: longer than {self.max_text_chars} characters ({len(text.strip())})"
         try:
-            prompt = build_prompt(text.strip()).encode("utf-8")
+            tokens = len(self.prompt_tokens(text))
         except UnicodeEncodeError:
             return "text: not valid Unicode (it holds a lone surrogate code point); send UTF-8 text"
-        room = self.backend.llm.n_ctx() - ANSWER_TOKENS
-        tokens = len(self.backend.llm.tokenize(prompt, add_bos=True, special=False))
+        room = self.n_ctx - ANSWER_TOKENS
         if tokens > room:
             return f"text: {tokens} tokens with the instruction, over the {room} the context leaves (serve.n_ctx)"
         return None
+
+    def judge(self, raw: str, latency: float) -> tuple[int, dict]:
+        """(200, the answer) when the model's text is a valid cart intent, else (422, why, with the text)."""
+        pred = parse_output(raw)
+        if not is_valid(pred, self.names):
+            return 422, {"detail": "the model's answer is not a valid cart intent", "raw": raw,
+                         "latency_s": round(latency, 4)}
+        return 200, {**{k: pred[k] for k in ("action", "product", "quantity")}, "raw": raw,
+                     "latency_s": round(latency, 4)}
+
+
+class IntentModel(IntentRules):
+    """Text -> (HTTP status, answer) in this process: constrained decoding on one llama.cpp context."""
+
+    def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str]):
+        llm = backend.llm
+        super().__init__(lambda data: llm.tokenize(data, add_bos=True, special=False), llm.n_ctx(),
+                         max_text_chars, products)
+        self.backend = backend
+        self.lock = threading.Lock()   # one llama context is not thread-safe
+        backend.vocabulary()           # built once, before the first request
 
     def __call__(self, text: str) -> tuple[int, dict]:
         problem = self.check_text(text)
@@ -83,10 +120,4 @@ class IntentModel:
         with self.lock:
             [completion] = self.backend.generate([build_prompt(text.strip())], constrained=True,
                                                  products=self.products)
-        latency = round(time.perf_counter() - began, 4)
-        pred = parse_output(completion.text)
-        if not is_valid(pred, self.names):
-            return 422, {"detail": "the model's answer is not a valid cart intent", "raw": completion.text,
-                         "latency_s": latency}
-        return 200, {**{k: pred[k] for k in ("action", "product", "quantity")}, "raw": completion.text,
-                     "latency_s": latency}
+        return self.judge(completion.text, time.perf_counter() - began)

@@ -1,12 +1,14 @@
-"""llama.cpp built from the pinned llama-cpp-python sdist, and its converter taken from the same sdist.
+"""llama.cpp built from the pinned llama-cpp-python sdist: the Python binding, llama-server and the converter.
 
-One llama.cpp version converts, quantizes and runs: the commit vendored in the pinned
+One llama.cpp version converts, quantizes, runs and serves: the commit vendored in the pinned
 llama-cpp-python. `make venv` runs `python stages/lib/llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE`
 once: pip downloads the sdist (hash-pinned below), compiles it for CMAKE_ARGS into a wheel kept under
-CACHE by build key (never pip's wheel cache, which ignores CMAKE_ARGS), installs it, checks the loaded
-library was compiled for what was asked, and keeps `convert_hf_to_gguf.py`, its `conversion/` package and
-`gguf-py/` under `<venv>/share/llama.cpp/`, with the commit in `COMMIT` and the build in `BUILD.json`.
-The images run `install` (converter only; they compile with their own CMAKE_ARGS).
+CACHE by build key (never pip's wheel cache, which ignores CMAKE_ARGS), installs it, compiles llama.cpp's
+own HTTP server (`llama-server`, static, same CMAKE_ARGS, cached beside the wheel) into
+`<venv>/share/llama.cpp/bin/`, and keeps `convert_hf_to_gguf.py`, its `conversion/` package and `gguf-py/`
+under `<venv>/share/llama.cpp/`, with the commit in `COMMIT` and the build (with the server's build time)
+in `BUILD.json`. `check` then proves the library loads as asked and the server runs.
+The images run `install` (converter only; they compile with their own CMAKE_ARGS) and `server`.
 No llama.cpp code is copied into this repository. Stdlib only: it runs before anything else is installed.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -29,12 +32,28 @@ KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 
 
+# llama-server alone: no web UI (it would be fetched), no curl/OpenSSL (models are local files), one static
+# binary that runs from wherever it is copied
+SERVER_CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON "
+                     "-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF "
+                     "-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF")
+
+
 class ToolsMissing(Exception):
-    """The converter is not installed where the stage looks for it."""
+    """The converter or llama-server is not installed where the stage looks for it."""
 
 
 def tools_dir() -> Path:
     return Path(os.environ.get("LLAMA_CPP_TOOLS", Path(sys.prefix) / "share" / "llama.cpp"))
+
+
+def server_binary() -> Path:
+    """llama-server as `make venv` (or the CPU image) installed it; LLAMA_SERVER names another build."""
+    path = Path(os.environ.get("LLAMA_SERVER") or tools_dir() / "bin" / "llama-server")
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ToolsMissing(f"llama-server not found at {path}: run `make venv` (it compiles it from the pinned "
+                           f"llama.cpp), or set serve.engine=\"llama-cpp-python\"")
+    return path
 
 
 def converter() -> tuple[Path, str]:
@@ -166,6 +185,58 @@ def check_installed(cmake_args: str) -> None:
     print(f"llama.cpp loads and was compiled for what CMAKE_ARGS asked ({cmake_args or 'native'})")
 
 
+def build_server(sdist: Path, version: str, cmake_args: str, folder: Path) -> dict:
+    """Compile llama-server from the sdist's vendored llama.cpp once per build key into folder/bin (about 7
+    minutes on 2 cores; the time is kept in folder/server.json); reuse it after."""
+    record = folder / "server.json"
+    if record.is_file() and (folder / "bin" / "llama-server").is_file():
+        return json.loads(record.read_text())
+    cmake = shutil.which("cmake")
+    if not cmake:
+        raise SystemExit("cmake not found: llama-server is compiled from source (apt install cmake g++, "
+                         "or pip install cmake)")
+    print(f"llama-server: compiling from {sdist.name} (once per build key; about 7 minutes on 2 cores)", flush=True)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # the vendored tree and its git metadata, so the build records the commit (`llama-server --version`)
+        root, source = f"llama_cpp_python-{version}/", Path(tmp) / "vendor" / "llama.cpp"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name.startswith((root + "vendor/llama.cpp/", root + ".git/modules/vendor/llama.cpp/"))]
+            for member in members:
+                member.name = member.name[len(root):]
+                tar.extract(member, tmp, filter="data")
+        build_dir, began = Path(tmp) / "build", time.monotonic()
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run([cmake, "-S", str(source), "-B", str(build_dir), *generator, *cmake_args.split(),
+                        *SERVER_CMAKE_ARGS.split()], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
+                       check=True, stdout=subprocess.DEVNULL)
+        (staging / "bin").mkdir(parents=True)
+        shutil.copy2(build_dir / "bin" / "llama-server", staging / "bin" / "llama-server")
+    info = {"binary": "bin/llama-server", "build_s": round(time.monotonic() - began, 1), "cmake_args": cmake_args,
+            "cores": os.cpu_count()}
+    (staging / "server.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return info
+
+
+def install_server(folder: Path, dest: Path) -> None:
+    (dest / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / "bin" / "llama-server", dest / "bin" / "llama-server")
+
+
+def check_server() -> None:
+    """The installed llama-server starts (an instruction its CPU lacks would kill it here, not in a test)."""
+    proc = subprocess.run([str(server_binary()), "--version"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-server does not run (exit code {proc.returncode}): rebuild with "
+                         f"`rm -rf {sys.prefix} && make venv`")
+    print(f"llama-server runs ({(proc.stdout + proc.stderr).strip().splitlines()[0]})")
+
+
 def install_converter(sdist: Path, version: str, dest: Path) -> str:
     """Keep the converter files of the sdist's vendored llama.cpp in dest; returns its commit."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,33 +260,46 @@ def install_converter(sdist: Path, version: str, dest: Path) -> str:
 
 def build(requirements: Path, cmake_args: str, cache: Path) -> None:
     """`make venv`: the pinned sdist -> a wheel compiled for cmake_args (cached by build key) -> installed
-    here without its dependencies (the requirement files pin those; `check` runs once they are in) -> the
-    converter from the same sdist, with the build recorded in BUILD.json."""
+    here without its dependencies (the requirement files pin those; `check` runs once they are in) ->
+    llama-server compiled for the same cmake_args (cached by the same key) -> the converter from the same
+    sdist, with the build recorded in BUILD.json."""
     version = pinned_version(requirements)
     sdist = fetch_sdist(version, cache / "sdist")
-    wheel = build_wheel(sdist, cmake_args, cache / f"{version}-{build_key(version, cmake_args)}")
+    key = f"{version}-{build_key(version, cmake_args)}"
+    wheel = build_wheel(sdist, cmake_args, cache / key)
     subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
                     "--force-reinstall", str(wheel)], check=True)
+    server = build_server(sdist, version, cmake_args, cache / f"{key}-server")
     target = tools_dir()
     commit = install_converter(sdist, version, target)
-    (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args,
-                                                   "wheel": wheel.name, "commit": commit}, indent=2) + "\n")
+    install_server(cache / f"{key}-server", target)
+    (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args, "wheel": wheel.name,
+                                                   "commit": commit, "server": server}, indent=2) + "\n")
     print(f"llama.cpp {commit} ({PACKAGE} {version}, CMAKE_ARGS={cmake_args!r}) installed; converter in {target}")
 
 
 def main(argv: list[str]) -> None:
     usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv: compile, install)\n"
              "       llama_cpp_tools.py check CMAKE_ARGS   (make venv, after the requirements: loads, as asked)\n"
-             "       llama_cpp_tools.py install   (converter of the installed version, for images)")
+             "       llama_cpp_tools.py install   (converter of the installed version, for images)\n"
+             "       llama_cpp_tools.py server CMAKE_ARGS   (llama-server of the installed version, for images)")
     if argv[:1] == ["build"] and len(argv) == 4:
         build(Path(argv[1]), argv[2], Path(argv[3]))
     elif argv[:1] == ["check"] and len(argv) == 2:
         check_installed(argv[1])
+        check_server()
     elif argv == ["install"]:
         version, target = metadata.version(PACKAGE), tools_dir()
         with tempfile.TemporaryDirectory() as tmp:
             commit = install_converter(fetch_sdist(version, Path(tmp)), version, target)
         print(f"llama.cpp {commit} converter installed in {target}")
+    elif argv[:1] == ["server"] and len(argv) == 2:
+        version, target = metadata.version(PACKAGE), tools_dir()
+        with tempfile.TemporaryDirectory() as tmp:
+            info = build_server(fetch_sdist(version, Path(tmp)), version, argv[1], Path(tmp) / "server")
+            install_server(Path(tmp) / "server", target)
+        check_server()
+        print(f"llama-server built in {info['build_s']} s, installed in {target / 'bin'}")
     else:
         raise SystemExit(usage)
 

@@ -1,0 +1,171 @@
+"""serve's llama-server engine: llama.cpp's own HTTP server (built by `make venv` from the pinned llama.cpp) as
+a child process on a private 127.0.0.1 port, with `serve.slots` sequences decoded together (continuous
+batching) and each slot's prompt KV kept for the next request; and /v1/intent's decisions made on it, one
+slot per intent. `serve` stands in front of it."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from stages.lib.constrained import Stepper, Vocabulary, decode
+from stages.lib.llama_cpp_tools import server_binary
+from stages.lib.task import build_prompt
+
+
+class ServerFailed(Exception):
+    """llama-server did not start, or stopped; the message ends with its last log lines."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when serve dies, even by SIGKILL."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass   # not Linux: serve's own exit path still stops it
+
+
+class LlamaServer:
+    """`with LlamaServer(gguf, cfg, alias) as server:` -- server.url answers once the model is loaded; the
+    process is stopped on the way out (Ctrl-C, SIGTERM, an error)."""
+
+    def __init__(self, gguf: Path, cfg, alias: str):
+        self.gguf, self.cfg, self.alias = gguf, cfg, alias
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+
+    def command(self) -> list[str]:
+        cfg = self.cfg
+        threads = cfg.threads or len(os.sched_getaffinity(0))
+        return [str(server_binary()), "--model", str(self.gguf), "--alias", self.alias,
+                "--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(cfg.slots),
+                "--ctx-size", str(cfg.slots * cfg.n_ctx), "--no-kv-unified", "--threads", str(threads),
+                "--threads-batch", str(threads), "--metrics", "--no-webui", "--jinja", "--log-verbosity", "2"]
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = Path(self.log.name).read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "no output"
+
+    def exited(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def __enter__(self) -> "LlamaServer":
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                                     preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.fail(f"llama-server exited with code {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return self
+            except (OSError, urllib.error.URLError):
+                pass   # still loading (503) or not listening yet
+            time.sleep(0.2)
+        self.fail(f"llama-server did not answer /health within {self.cfg.startup_timeout_s} s "
+                  f"(serve.startup_timeout_s)")
+
+    def fail(self, why: str) -> None:
+        tail = self.log_tail()
+        self.__exit__()
+        raise ServerFailed(f"{why}: {tail}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+class Cancelled(Exception):
+    """The client hung up: no more decisions for its intent, and its slot goes back to the pool."""
+
+
+class SlotStepper(Stepper):
+    """The constrained decoder's model decisions made by llama-server on one slot: the sequence so far as
+    tokens (the slot's KV cache keeps the common prefix, so only new tokens are computed, batched with the
+    other slots' work), one greedy token among the allowed ones (each gets a +100 logit bias: their order is
+    the model's, and no other token can win; the reply is checked)."""
+    BIAS = 100.0
+
+    def __init__(self, connection: http.client.HTTPConnection, slot: int, tokenize, cancelled: threading.Event):
+        self.connection, self.slot, self._tokenize, self.cancelled = connection, slot, tokenize, cancelled
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenize(text.encode("utf-8"))
+
+    def best(self, ids: list[int], allowed: list[int]) -> int:
+        if self.cancelled.is_set():
+            raise Cancelled
+        body = {"prompt": ids, "n_predict": 1, "temperature": 0.0, "id_slot": self.slot, "cache_prompt": True,
+                "return_tokens": True, "logit_bias": [[token, self.BIAS] for token in allowed]}
+        for attempt in (1, 2):   # a kept-alive connection llama-server closed while idle: once more, anew
+            try:
+                self.connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+                reply = self.connection.getresponse()
+                data = reply.read()
+                break
+            except (OSError, http.client.HTTPException) as err:
+                self.connection.close()   # the next request opens a new connection
+                if attempt == 2 or not isinstance(err, (ConnectionError, http.client.RemoteDisconnected)):
+                    raise ServerFailed(f"llama-server did not answer ({type(err).__name__}: {err})") from None
+        if reply.status != 200:
+            raise ServerFailed(f"llama-server answered {reply.status}: {data[:300].decode(errors='replace')}")
+        token = json.loads(data)["tokens"][0]
+        if token not in allowed:
+            raise ServerFailed(f"llama-server chose token {token}, outside the {len(allowed)} allowed")
+        return token
+
+
+class IntentDecoder:
+    """Text -> the constrained answer text, decided on llama-server: an intent takes a free slot for all its
+    decisions (each one then reuses the slot's KV of the last), so `serve.slots` intents run together and
+    the rest wait here."""
+
+    def __init__(self, server: LlamaServer, slots: int, tokenize, vocabulary: Vocabulary, schema):
+        self.tokenize, self.vocabulary, self.schema = tokenize, vocabulary, schema
+        self.free: queue.Queue = queue.Queue()
+        for slot in range(slots):
+            self.free.put((slot, http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)))
+
+    @contextmanager
+    def slot(self):
+        taken = self.free.get()
+        try:
+            yield taken
+        finally:
+            self.free.put(taken)
+
+    def __call__(self, text: str, cancelled: threading.Event) -> str:
+        with self.slot() as (slot, connection):
+            stepper = SlotStepper(connection, slot, self.tokenize, cancelled)
+            return decode(stepper, self.vocabulary, self.schema, build_prompt(text.strip())).text
