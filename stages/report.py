@@ -487,10 +487,11 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     blocks = [*intro_blocks(run_name, data), *accuracy_blocks(accuracy, fig_dir), *other_sets_blocks(data),
               *training_blocks(data["manifests"].get("finetune", {}), fig_dir),
               *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir), *bench_blocks(cpu, data["manifests"]),
-              *gpu_blocks(gpu, data["gpu_skipped"], fig_dir), *serve_blocks(data["serve"], data["serve_ratios"], fig_dir)]
+              *gpu_blocks(gpu, data["gpu_skipped"], fig_dir)]
     if cpu or gpu:
         blocks.append(("figure", figures.load_times(cpu, gpu, fig_dir / "fig6_load_times.png"),
                        "Figure 6: load time of each variant"))
+    blocks += serve_blocks(data["serve"], data["serve_ratios"], fig_dir)
     blocks += [*recommendation_blocks(recommendation), *timing_blocks(data["manifests"]), *environment_blocks(data)]
     render(blocks, out)
     return {"accuracy": accuracy, "cpu": cpu, "gpu": gpu, "recommendation": recommendation,

@@ -241,7 +241,7 @@ def serve(run, cfg: ServeConfig, args) -> int:
     vocabulary = GGUFBackend.wrapping(vocab).vocabulary()
     try:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
-            decoder = IntentDecoder(server, cfg.slots, tokenize, vocabulary, answer_schema(tuple(products)))
+            decoder = IntentDecoder(server, tokenize, vocabulary, answer_schema(tuple(products)))
             cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
                               f"/metrics; llama-server, {cfg.slots} slots)")
             uvicorn.run(create_proxy_app(server, cfg, rules, decoder), host=cfg.host, port=cfg.port,

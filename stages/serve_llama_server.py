@@ -117,8 +117,10 @@ class SlotStepper(Stepper):
     the model's, and no other token can win; the reply is checked)."""
     BIAS = 100.0
 
-    def __init__(self, connection: http.client.HTTPConnection, slot: int, tokenize, cancelled: threading.Event):
+    def __init__(self, connection: http.client.HTTPConnection, slot: int, tokenize, cancelled: threading.Event,
+                 prompt_cache: bool = True):
         self.connection, self.slot, self._tokenize, self.cancelled = connection, slot, tokenize, cancelled
+        self.prompt_cache = prompt_cache
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenize(text.encode("utf-8"))
@@ -126,7 +128,7 @@ class SlotStepper(Stepper):
     def best(self, ids: list[int], allowed: list[int]) -> int:
         if self.cancelled.is_set():
             raise Cancelled
-        body = {"prompt": ids, "n_predict": 1, "temperature": 0.0, "id_slot": self.slot, "cache_prompt": True,
+        body = {"prompt": ids, "n_predict": 1, "temperature": 0.0, "id_slot": self.slot, "cache_prompt": self.prompt_cache,
                 "return_tokens": True, "logit_bias": [[token, self.BIAS] for token in allowed]}
         for attempt in (1, 2):   # a kept-alive connection llama-server closed while idle: once more, anew
             try:
@@ -151,10 +153,11 @@ class IntentDecoder:
     decisions (each one then reuses the slot's KV of the last), so `serve.slots` intents run together and
     the rest wait here."""
 
-    def __init__(self, server: LlamaServer, slots: int, tokenize, vocabulary: Vocabulary, schema):
+    def __init__(self, server: LlamaServer, tokenize, vocabulary: Vocabulary, schema):
         self.tokenize, self.vocabulary, self.schema = tokenize, vocabulary, schema
+        self.prompt_cache = server.cfg.prompt_cache
         self.free: queue.Queue = queue.Queue()
-        for slot in range(slots):
+        for slot in range(server.cfg.slots):
             self.free.put((slot, http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)))
 
     @contextmanager
@@ -167,5 +170,5 @@ class IntentDecoder:
 
     def __call__(self, text: str, cancelled: threading.Event) -> str:
         with self.slot() as (slot, connection):
-            stepper = SlotStepper(connection, slot, self.tokenize, cancelled)
+            stepper = SlotStepper(connection, slot, self.tokenize, cancelled, self.prompt_cache)
             return decode(stepper, self.vocabulary, self.schema, build_prompt(text.strip())).text
