@@ -32,9 +32,8 @@ RUN python -m venv /opt/venv \
 # llama.cpp's converter and llama-server from the same sdist (as `make venv` does), and proof that it
 # is the commit the image's label names.
 COPY stages/lib/llama_cpp_tools.py /src/llama_cpp_tools.py
-RUN /opt/venv/bin/python /src/llama_cpp_tools.py install \
- && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}" \
- && /opt/venv/bin/python /src/llama_cpp_tools.py server "${LLAMA_SERVER_CMAKE_ARGS}"
+RUN /opt/venv/bin/python /src/llama_cpp_tools.py install "${LLAMA_SERVER_CMAKE_ARGS}" \
+ && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"
 
 FROM ${PYTHON_IMAGE}
 ARG PROJECT_VERSION=unknown

@@ -22,9 +22,7 @@ from __future__ import annotations
 import csv
 import http.client
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.lib import artifacts, cli, hardware
+from stages.lib.child import Child, free_port
 from stages.lib.config import as_dict, load_stage_config, require
 from stages.lib.intent import ENGINES, ServeConfig, gguf_path
 from stages.lib.task import exact_match, read_split
@@ -64,54 +63,19 @@ class LoadtestConfig:
 
 # ---- one server, as a user starts it ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServeProcess:
-    """`python -m stages.serve` with this run's config and one engine, on a free 127.0.0.1 port."""
+class ServeProcess(Child):
+    """`python -m stages.serve` with this run's config and one engine, on a free 127.0.0.1 port; ready once it
+    lists its model (serve stops its own llama-server child)."""
 
     def __init__(self, args, engine: str, timeout_s: int, log: Path):
-        self.port, self.log_path = _free_port(), log
+        self.port = free_port()
         sets = [*args.overrides, f'serve.engine="{engine}"', f"serve.port={self.port}", 'serve.host="127.0.0.1"']
-        self.command = [sys.executable, "-m", "stages.serve", "--config", args.config,
-                        *(part for item in sets for part in ("--set", item))]
-        self.timeout_s = timeout_s
+        command = [sys.executable, "-m", "stages.serve", "--config", args.config,
+                   *(part for item in sets for part in ("--set", item))]
+        super().__init__(command, log, "serve", self.answers, timeout_s, "loadtest.startup_timeout_s")
 
-    def __enter__(self) -> "ServeProcess":
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.fail(f"serve exited with code {self.proc.returncode}")
-            try:
-                if request(self.port, "GET", "/v1/models", None, 5)[0] == 200:
-                    return self
-            except OSError:
-                time.sleep(0.3)
-        self.fail(f"serve did not answer within {self.timeout_s} s (loadtest.startup_timeout_s)")
-
-    def fail(self, why: str) -> None:
-        tail = self.tail()
-        self.__exit__()
-        raise RuntimeError(f"{why}: {tail}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-4:]) or "no output"
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()   # serve stops its own llama-server child
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+    def answers(self) -> bool:
+        return request(self.port, "GET", "/v1/models", None, 5)[0] == 200
 
 
 def request(port: int, method: str, path: str, body: dict | None, timeout: float,
@@ -197,15 +161,13 @@ def summary(engine: str, clients: int, records: list[dict], seconds: float, refe
 def evaluated_answers(run_dir: Path, gguf_file: Path, variant: str) -> dict[str, dict]:
     """Message id -> {"answer", "correct"} of evaluate's constrained decoding of the served file, checked against
     eval's manifest; empty when evaluate has not run (the comparison is then left out, not guessed)."""
-    manifest = artifacts.read_manifest(run_dir / "eval")
-    name = f"predictions/{gguf_file.parent.name}__gguf-{variant}__constrained.jsonl"
-    if not manifest or name not in manifest.get("outputs", {}):
+    if artifacts.read_manifest(run_dir / "eval") is None:
         return {}
-    path = run_dir / "eval" / name
-    if artifacts.sha256_file(path) != manifest["outputs"][name]["sha256"]:
-        raise artifacts.MissingArtifact(f"{path} differs from eval's manifest: rerun `make evaluate FORCE=1`")
+    name = f"predictions/{gguf_file.parent.name}__gguf-{variant}__constrained.jsonl"
+    if name not in artifacts.require_stage(run_dir, "eval", "evaluate")["outputs"]:
+        return {}
     return {row["id"]: {"answer": row["parsed"] if row["valid"] else None, "correct": row["correct"]}
-            for row in artifacts.read_jsonl(path)}
+            for row in artifacts.read_jsonl(run_dir / "eval" / name)}
 
 
 def measure(args, cfg: LoadtestConfig, messages: list[dict], evaluated: dict, out: Path) -> list[dict]:

@@ -37,6 +37,7 @@ from rich.text import Text
 from stages.lib import cli
 from stages.lib.artifacts import StageBusy
 from stages.lib.backends import GGUFBackend, answer_schema
+from stages.lib.child import ChildFailed
 from stages.lib.catalog import run_catalog
 from stages.lib.intent import IntentModel, IntentRules, ServeConfig, gguf_path
 from stages.lib.llama_cpp_tools import ToolsMissing
@@ -235,10 +236,10 @@ def serve(run, cfg: ServeConfig, args) -> int:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
         return cli.EXIT_OK
     from llama_cpp import Llama
-    vocab = Llama(str(path), vocab_only=True, verbose=False)
-    tokenize = lambda data: vocab.tokenize(data, add_bos=True, special=False)  # noqa: E731 - as GGUFBackend
+    vocab = GGUFBackend.wrapping(Llama(str(path), vocab_only=True, verbose=False))   # tokens only, no weights
+    tokenize = vocab.stepper().tokenize
     rules = IntentRules(tokenize, cfg.n_ctx, cfg.max_text_chars, products)
-    vocabulary = GGUFBackend.wrapping(vocab).vocabulary()
+    vocabulary = vocab.vocabulary()
     try:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
             decoder = IntentDecoder(server, tokenize, vocabulary, answer_schema(tuple(products)))
@@ -246,7 +247,7 @@ def serve(run, cfg: ServeConfig, args) -> int:
                               f"/metrics; llama-server, {cfg.slots} slots)")
             uvicorn.run(create_proxy_app(server, cfg, rules, decoder), host=cfg.host, port=cfg.port,
                         log_level="warning")
-    except (ServerFailed, ToolsMissing) as err:
+    except (ChildFailed, ToolsMissing) as err:
         cli.console.print(Text.assemble(("serve failed ", "red"), str(err)))
         return cli.EXIT_FAILED
     return cli.EXIT_OK

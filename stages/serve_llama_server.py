@@ -8,102 +8,46 @@ import http.client
 import json
 import os
 import queue
-import signal
-import socket
-import subprocess
 import tempfile
 import threading
-import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages.lib.child import Child, free_port
 from stages.lib.constrained import Stepper, Vocabulary, decode
 from stages.lib.llama_cpp_tools import server_binary
 from stages.lib.task import build_prompt
 
 
 class ServerFailed(Exception):
-    """llama-server did not start, or stopped; the message ends with its last log lines."""
+    """llama-server answered a decision call badly, or not at all."""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends it SIGTERM when serve dies, even by SIGKILL."""
-    import ctypes
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass   # not Linux: serve's own exit path still stops it
-
-
-class LlamaServer:
-    """`with LlamaServer(gguf, cfg, alias) as server:` -- server.url answers once the model is loaded; the
-    process is stopped on the way out (Ctrl-C, SIGTERM, an error)."""
+class LlamaServer(Child):
+    """`with LlamaServer(gguf, cfg, alias) as server:` -- server.url answers once the model is loaded (/health);
+    the process is stopped on the way out, its log (a temporary file) removed."""
 
     def __init__(self, gguf: Path, cfg, alias: str):
-        self.gguf, self.cfg, self.alias = gguf, cfg, alias
-        self.port = _free_port()
+        self.cfg, self.port = cfg, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-
-    def command(self) -> list[str]:
-        cfg = self.cfg
         threads = cfg.threads or len(os.sched_getaffinity(0))
-        return [str(server_binary()), "--model", str(self.gguf), "--alias", self.alias,
-                "--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(cfg.slots),
-                "--ctx-size", str(cfg.slots * cfg.n_ctx), "--no-kv-unified", "--threads", str(threads),
-                "--threads-batch", str(threads), "--metrics", "--no-webui", "--jinja", "--log-verbosity", "2"]
+        command = [str(server_binary()), "--model", str(gguf), "--alias", alias,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(cfg.slots),
+                   "--ctx-size", str(cfg.slots * cfg.n_ctx), "--no-kv-unified", "--threads", str(threads),
+                   "--threads-batch", str(threads), "--metrics", "--no-webui", "--jinja", "--log-verbosity", "2"]
+        handle, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+        os.close(handle)
+        super().__init__(command, Path(log), "llama-server", self.healthy, cfg.startup_timeout_s,
+                         "serve.startup_timeout_s")
 
-    def log_tail(self, lines: int = 5) -> str:
-        text = Path(self.log.name).read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or "no output"
-
-    def exited(self) -> int | None:
-        return self.proc.poll() if self.proc else None
-
-    def __enter__(self) -> "LlamaServer":
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-                                     preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.fail(f"llama-server exited with code {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return self
-            except (OSError, urllib.error.URLError):
-                pass   # still loading (503) or not listening yet
-            time.sleep(0.2)
-        self.fail(f"llama-server did not answer /health within {self.cfg.startup_timeout_s} s "
-                  f"(serve.startup_timeout_s)")
-
-    def fail(self, why: str) -> None:
-        tail = self.log_tail()
-        self.__exit__()
-        raise ServerFailed(f"{why}: {tail}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:   # 503 while loading
+            return reply.status == 200
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-        Path(self.log.name).unlink(missing_ok=True)
+        super().__exit__()
+        self.log.unlink(missing_ok=True)
 
 
 class Cancelled(Exception):
@@ -119,11 +63,8 @@ class SlotStepper(Stepper):
 
     def __init__(self, connection: http.client.HTTPConnection, slot: int, tokenize, cancelled: threading.Event,
                  prompt_cache: bool = True):
-        self.connection, self.slot, self._tokenize, self.cancelled = connection, slot, tokenize, cancelled
+        self.connection, self.slot, self.tokenize, self.cancelled = connection, slot, tokenize, cancelled
         self.prompt_cache = prompt_cache
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenize(text.encode("utf-8"))
 
     def best(self, ids: list[int], allowed: list[int]) -> int:
         if self.cancelled.is_set():

@@ -1,7 +1,6 @@
 """baseline: few-shot base model, and API models against a real OpenAI-compatible server on 127.0.0.1
 (llama-cpp-python's server with the smoke GGUF): retries while it starts late, the cache, skips."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,16 +8,11 @@ import urllib.request
 
 import pytest
 
+from stages.lib.child import free_port
 from conftest import ROOT, SMOKE, manifest
 
 pytestmark = pytest.mark.integration
 SECRET = "sk-test-do-not-write-me-4242"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model, port):

@@ -72,7 +72,8 @@ def test_bad_backend_is_a_config_error(tmp_path):
 
 @pytest.mark.integration
 def test_budget_stop_resume_from_cache_and_identical_rerun(quantized, tmp_path):
-    from test_baseline import free_port, start_server, wait_ready
+    from stages.lib.child import free_port
+    from test_baseline import start_server, wait_ready
     port = free_port()
     llm = [f"generate.api.base_url='http://127.0.0.1:{port}/v1'", "generate.llm_model='smoke-gguf'",
            "generate.llm_max_attempts=2", "generate.api.concurrency=3", "generate.llm_max_tokens=24",

@@ -16,15 +16,10 @@ import pytest
 
 from conftest import ROOT, SMOKE
 from stages.lib.catalog import load_catalog
+from stages.lib.child import free_port
 
 pytestmark = pytest.mark.integration
 MAX_CHARS = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(name, artifacts_dir, *sets):

@@ -62,7 +62,8 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
 
 class IntentRules:
     """What a message must be to be answered, and what makes an answer one: shared by every engine, so
-    /v1/intent keeps one contract whichever decodes. `tokenize(bytes) -> ids` counts what the context holds."""
+    /v1/intent keeps one contract whichever decodes. `tokenize(text) -> ids` (a back end's stepper's: the
+    prompt as the model sees it) counts what the context holds."""
 
     def __init__(self, tokenize, n_ctx: int, max_text_chars: int, products: list[str]):
         self.tokenize, self.n_ctx, self.max_text_chars = tokenize, n_ctx, max_text_chars
@@ -71,7 +72,7 @@ class IntentRules:
     def prompt_tokens(self, text: str) -> list[int]:
         """The training prompt of a checked text, as the model's tokens (BOS first; no special tokens parsed
         from the text, so a message cannot inject a chat marker)."""
-        return self.tokenize(build_prompt(text.strip()).encode("utf-8"))
+        return self.tokenize(build_prompt(text.strip()))
 
     def check_text(self, text) -> str | None:
         """Why this text cannot be answered, or None. The length limit that matters is in tokens: the prompt
@@ -105,9 +106,7 @@ class IntentModel(IntentRules):
     """Text -> (HTTP status, answer) in this process: constrained decoding on one llama.cpp context."""
 
     def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str]):
-        llm = backend.llm
-        super().__init__(lambda data: llm.tokenize(data, add_bos=True, special=False), llm.n_ctx(),
-                         max_text_chars, products)
+        super().__init__(backend.stepper().tokenize, backend.llm.n_ctx(), max_text_chars, products)
         self.backend = backend
         self.lock = threading.Lock()   # one llama context is not thread-safe
         backend.vocabulary()           # built once, before the first request

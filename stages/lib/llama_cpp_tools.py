@@ -8,7 +8,8 @@ own HTTP server (`llama-server`, static, same CMAKE_ARGS, cached beside the whee
 `<venv>/share/llama.cpp/bin/`, and keeps `convert_hf_to_gguf.py`, its `conversion/` package and `gguf-py/`
 under `<venv>/share/llama.cpp/`, with the commit in `COMMIT` and the build (with the server's build time)
 in `BUILD.json`. `check` then proves the library loads as asked and the server runs.
-The images run `install` (converter only; they compile with their own CMAKE_ARGS) and `server`.
+The images run `install` (the converter, and llama-server for the CPU image; they compile the binding with
+their own CMAKE_ARGS).
 No llama.cpp code is copied into this repository. Stdlib only: it runs before anything else is installed.
 """
 from __future__ import annotations
@@ -200,13 +201,9 @@ def build_server(sdist: Path, version: str, cmake_args: str, folder: Path) -> di
     shutil.rmtree(staging, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         # the vendored tree and its git metadata, so the build records the commit (`llama-server --version`)
-        root, source = f"llama_cpp_python-{version}/", Path(tmp) / "vendor" / "llama.cpp"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name.startswith((root + "vendor/llama.cpp/", root + ".git/modules/vendor/llama.cpp/"))]
-            for member in members:
-                member.name = member.name[len(root):]
-                tar.extract(member, tmp, filter="data")
+        extract(sdist, version, lambda path: path.startswith(("vendor/llama.cpp/", ".git/modules/vendor/llama.cpp/")),
+                Path(tmp))
+        source = Path(tmp) / "vendor" / "llama.cpp"
         build_dir, began = Path(tmp) / "build", time.monotonic()
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         subprocess.run([cmake, "-S", str(source), "-B", str(build_dir), *generator, *cmake_args.split(),
@@ -237,19 +234,25 @@ def check_server() -> None:
     print(f"llama-server runs ({(proc.stdout + proc.stderr).strip().splitlines()[0]})")
 
 
+def extract(sdist: Path, version: str, wanted, dest: Path) -> None:
+    """The sdist's files whose path under its root folder `wanted(path)` accepts, into dest (root stripped)."""
+    root = f"llama_cpp_python-{version}/"
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            if member.name.startswith(root) and wanted(member.name[len(root):]):
+                member.name = member.name[len(root):]
+                tar.extract(member, dest, filter="data")
+
+
 def install_converter(sdist: Path, version: str, dest: Path) -> str:
     """Keep the converter files of the sdist's vendored llama.cpp in dest; returns its commit."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = f"llama_cpp_python-{version}/"
-        vendor, head = root + "vendor/llama.cpp/", root + ".git/modules/vendor/llama.cpp/HEAD"
+        vendor, head = "vendor/llama.cpp/", ".git/modules/vendor/llama.cpp/HEAD"
+        extract(sdist, version, lambda path: path == head or (path.startswith(vendor)
+                                                              and path[len(vendor):].startswith(KEEP)), Path(tmp))
+        commit = (Path(tmp) / head).read_text().strip()
         staging = Path(tmp) / "llama.cpp"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(vendor)
-                       and m.name[len(vendor):].startswith(KEEP)]
-            for member in members:
-                member.name = member.name[len(vendor):]
-                tar.extract(member, staging, filter="data")
-            commit = tar.extractfile(head).read().decode().strip()
+        (Path(tmp) / vendor).rename(staging)
         (staging / "COMMIT").write_text(commit + "\n")
         (staging / "VERSION").write_text(f"{PACKAGE}=={version}\n")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +272,11 @@ def build(requirements: Path, cmake_args: str, cache: Path) -> None:
     wheel = build_wheel(sdist, cmake_args, cache / key)
     subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
                     "--force-reinstall", str(wheel)], check=True)
-    server = build_server(sdist, version, cmake_args, cache / f"{key}-server")
+    server_folder = cache / f"{key}-server"
+    server = build_server(sdist, version, cmake_args, server_folder)
     target = tools_dir()
     commit = install_converter(sdist, version, target)
-    install_server(cache / f"{key}-server", target)
+    install_server(server_folder, target)
     (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args, "wheel": wheel.name,
                                                    "commit": commit, "server": server}, indent=2) + "\n")
     print(f"llama.cpp {commit} ({PACKAGE} {version}, CMAKE_ARGS={cmake_args!r}) installed; converter in {target}")
@@ -281,25 +285,24 @@ def build(requirements: Path, cmake_args: str, cache: Path) -> None:
 def main(argv: list[str]) -> None:
     usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv: compile, install)\n"
              "       llama_cpp_tools.py check CMAKE_ARGS   (make venv, after the requirements: loads, as asked)\n"
-             "       llama_cpp_tools.py install   (converter of the installed version, for images)\n"
-             "       llama_cpp_tools.py server CMAKE_ARGS   (llama-server of the installed version, for images)")
+             "       llama_cpp_tools.py install [SERVER_CMAKE_ARGS]   (for images: the installed version's\n"
+             "           converter, and llama-server compiled for SERVER_CMAKE_ARGS when given)")
     if argv[:1] == ["build"] and len(argv) == 4:
         build(Path(argv[1]), argv[2], Path(argv[3]))
     elif argv[:1] == ["check"] and len(argv) == 2:
         check_installed(argv[1])
         check_server()
-    elif argv == ["install"]:
+    elif argv[:1] == ["install"] and len(argv) <= 2:
         version, target = metadata.version(PACKAGE), tools_dir()
         with tempfile.TemporaryDirectory() as tmp:
-            commit = install_converter(fetch_sdist(version, Path(tmp)), version, target)
-        print(f"llama.cpp {commit} converter installed in {target}")
-    elif argv[:1] == ["server"] and len(argv) == 2:
-        version, target = metadata.version(PACKAGE), tools_dir()
-        with tempfile.TemporaryDirectory() as tmp:
-            info = build_server(fetch_sdist(version, Path(tmp)), version, argv[1], Path(tmp) / "server")
-            install_server(Path(tmp) / "server", target)
-        check_server()
-        print(f"llama-server built in {info['build_s']} s, installed in {target / 'bin'}")
+            sdist = fetch_sdist(version, Path(tmp))
+            commit = install_converter(sdist, version, target)
+            print(f"llama.cpp {commit} converter installed in {target}")
+            if len(argv) == 2:
+                info = build_server(sdist, version, argv[1], Path(tmp) / "server")
+                install_server(Path(tmp) / "server", target)
+                check_server()
+                print(f"llama-server built in {info['build_s']} s, installed in {target / 'bin'}")
     else:
         raise SystemExit(usage)
 
