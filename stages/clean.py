@@ -1,19 +1,28 @@
 """clean: delete one run's artifacts (artifacts_dir/<run.name> of the config), nothing else.
 
 The run is read through the same validated config as every stage (so `--set run.name=...` applies and a
-name like ".." or "" is refused); the folder is resolved and must lie inside artifacts_dir.
+name like ".." or "" is refused); the folder is resolved and must lie inside artifacts_dir, and be a run: stage
+folders with their manifests, and the stages' own hidden lock, temporary and old folders, nothing else. Every
+stage lock of the run is taken first, so a stage that is running stops the clean (exit 4, naming it).
 
     python -m stages.clean --config configs/smoke.toml --dry-run    # list what would be deleted
     make clean CONFIG=configs/smoke.toml                            # delete it
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.lib import cli
+from stages.lib.artifacts import read_manifest, take_lock
 from stages.lib.config import ConfigError
+
+# what a stage leaves beside its folder: .<folder>.lock, .<folder>.tmp, .<folder>.old
+STAGE_SIDE_ENTRY = re.compile(r"\.[\w.-]+\.(lock|tmp|old)")
 
 
 @dataclass
@@ -30,12 +39,30 @@ def run(run_cfg, cfg: CleanConfig, args) -> int:
     if not target.exists():
         cli.console.print(f"nothing to delete: {target} does not exist", markup=False)
         return 0
+    strangers = not_of_a_run(target)
+    if strangers:
+        raise ConfigError(f"{target} does not look like a run (no stage manifest in {', '.join(strangers[:5])}): "
+                          f"nothing deleted; check run.name and run.artifacts_dir")
+    locks = [take_lock(path, path.parent, f"pid {os.getpid()} (clean)") for path in sorted(target.rglob(".*.lock"))]
     entries = sorted(p.name for p in target.iterdir())
     verb = "would delete" if args.dry_run else "deleting"
     cli.console.print(f"{verb} {target} ({len(entries)} entries: {', '.join(entries)})", markup=False)
     if not args.dry_run:
         shutil.rmtree(target)
+    for handle in locks:
+        handle.close()
     return 0
+
+
+def not_of_a_run(target: Path) -> list[str]:
+    """The entries of target that no stage wrote (every entry when no stage manifest is there at all)."""
+    entries = sorted(target.iterdir())
+    strangers = [p.name for p in entries if not (
+        STAGE_SIDE_ENTRY.fullmatch(p.name) or (p.is_dir() and read_manifest(p) is not None)
+        or (p.name == "profiles" and p.is_dir()))]
+    has_manifest = any(read_manifest(p) is not None for p in entries if p.is_dir()) \
+        or any(target.glob("profiles/*/*/manifest.json"))
+    return strangers if has_manifest else [p.name for p in entries] or [target.name]
 
 
 def main(argv=None) -> int:

@@ -92,6 +92,8 @@ class FinetuneConfig:
         require(not (self.shared_prefix and self.gradient_checkpointing), "shared_prefix",
                 "false when gradient_checkpointing is true (checkpointed layers keep no key/value cache)")
         require(0 < self.progress_every_s < 1e6, "progress_every_s", "seconds > 0")
+        # a prompt and its answer must fit: 0 failed after loading the model, -1 trained on truncated rows
+        require(32 <= self.max_length <= 1 << 20, "max_length", "tokens per example, 32 or more")
         require(set(self.report_to) <= {"tensorboard"}, "report_to", '[] or ["tensorboard"]')
 
 

@@ -467,13 +467,23 @@ def environment_blocks(data: dict) -> list[tuple]:
     commit = data["manifests"].get("gguf", {}).get("results", {}).get("llama_cpp_commit")
     blocks.append(("p", "Packages: " + ", ".join(f"{n} {'/'.join(sorted(v))}" for n, v in sorted(packages.items()))
                    + (f". llama.cpp commit {commit}." if commit else ".")))
-    blocks.append(("table", ["stage folder", "config hash", "code hash", "outputs hash", "runner", "finished", "wall s"],
+    blocks.append(("p", "Each stage folder (a profile's names its host) with the image it ran in: the image ID is the "
+                        "same on every host that built or pulled that image; the registry digest once pushed or pulled."))
+    blocks.append(("table", ["stage folder", "config hash", "code hash", "outputs hash", "runner", "image",
+                             "image ID", "registry digest", "finished", "wall s"],
                    [[folder, m.get("config_hash", "")[:12], m.get("code_hash", "")[:12],
-                     artifacts.sha256_json(m.get("outputs", {}))[:12],
-                     " ".join(str(v) for v in (m.get("runner") or {}).values()) if isinstance(m.get("runner"), dict)
-                     else str(m.get("runner") or "local"), m.get("finished", ""), fmt(m.get("wall_s"), 1)]
+                     artifacts.sha256_json(m.get("outputs", {}))[:12], *runner_cells(m.get("runner")),
+                     m.get("finished", ""), fmt(m.get("wall_s"), 1)]
                     for folder, m in data["manifests"].items()]))
     return blocks
+
+
+def runner_cells(runner) -> list[str]:
+    """runner, image, image ID, registry digest of a manifest's runner record ("–" where not known)."""
+    runner = runner if isinstance(runner, dict) else {"kind": str(runner or "local")}
+    digest = str(runner.get("digest", "–")).rpartition("@")[2]
+    return [str(runner.get("kind", "local")), str(runner.get("image", "–")).rpartition("/")[2],
+            str(runner.get("id", "–")).removeprefix("sha256:")[:12], digest.removeprefix("sha256:")[:12] or "–"]
 
 
 def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:

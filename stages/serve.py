@@ -59,39 +59,71 @@ class AnswerSchemaAsGrammar:
     """ASGI middleware: a chat completion whose `response_format` carries the answer's JSON Schema (OpenAI's
     `json_object` + schema or `json_schema` form) is decoded with the answer's GBNF grammar instead, the exact
     form the model was trained to write. llama.cpp's grammar for a generic schema starts at "{" without the
-    model's leading space and allows any spacing and integer, which pushes the model off its trained path."""
+    model's leading space and allows any spacing and integer, which pushes the model off its trained path.
 
-    def __init__(self, app, schema: dict, grammar: str):
+    With own_grammar_only (the in-process engine), any other grammar or JSON Schema in a completion request is
+    refused with 400: llama.cpp parses grammars in the serving process, and a hostile one (left recursion) kills
+    it, where llama-server rejects the same grammar in its own process."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app, schema: dict, grammar: str, own_grammar_only: bool = False):
         self.app, self.schema, self.grammar = app, self.core(schema), grammar
+        self.own_grammar_only = own_grammar_only
 
     @staticmethod
     def core(schema) -> dict | None:
         return {k: v for k, v in schema.items() if k not in ("$schema", "title", "description")} \
             if isinstance(schema, dict) else None
 
-    def rewrite(self, body: bytes) -> bytes:
+    @staticmethod
+    def requested_schema(request: dict):
+        wanted = request.get("response_format")
+        if not isinstance(wanted, dict):
+            return None
+        if wanted.get("type") == "json_object":
+            return wanted.get("schema")
+        nested = wanted.get("json_schema") if wanted.get("type") == "json_schema" else None
+        return nested.get("schema") if isinstance(nested, dict) else nested
+
+    def refusal(self, request: dict) -> str | None:
+        """Why the in-process engine will not decode this request, or None."""
+        if "grammar" in request and request["grammar"] != self.grammar:
+            return ("this server runs llama.cpp in its own process and decodes only the answer's grammar: send "
+                    "response_format with the answer's JSON Schema (schema.json), or serve with serve.engine='llama-server'")
+        schema = self.requested_schema(request)
+        if schema is not None and self.core(schema) != self.schema:
+            return ("this server runs llama.cpp in its own process and takes only the answer's JSON Schema "
+                    "(schema.json) as response_format; serve with serve.engine='llama-server' for others")
+        return None
+
+    def rewrite(self, path: str, body: bytes) -> tuple[bytes, str | None]:
+        """The body to pass on, or the reason it is refused."""
         try:
             request = json.loads(body)
-        except ValueError:
-            return body   # the server answers it with its own 4xx
-        wanted = request.get("response_format") if isinstance(request, dict) else None
-        if not isinstance(wanted, dict):
-            return body
-        schema = wanted.get("schema") if wanted.get("type") == "json_object" else \
-            (wanted.get("json_schema") or {}).get("schema") if wanted.get("type") == "json_schema" else None
-        if self.core(schema) != self.schema:
-            return body
+        except (ValueError, RecursionError):
+            return body, None   # the server answers it with its own 4xx
+        if not isinstance(request, dict):
+            return body, None
+        if self.own_grammar_only and (problem := self.refusal(request)):
+            return body, problem
+        if path != "/v1/chat/completions" or self.requested_schema(request) is None \
+                or self.core(self.requested_schema(request)) != self.schema:
+            return body, None
         request.pop("response_format")
-        return json.dumps({**request, "grammar": self.grammar}).encode()
+        return json.dumps({**request, "grammar": self.grammar}).encode(), None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/chat/completions":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
         body, more = b"", True
         while more:
             message = await receive()
             body, more = body + message.get("body", b""), message.get("more_body", False)
-        body, replayed = self.rewrite(body), False
+        (body, problem), replayed = self.rewrite(scope["path"], body), False
+        if problem:
+            from fastapi.responses import JSONResponse
+            return await JSONResponse({"detail": problem}, status_code=400)(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -123,7 +155,8 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
     intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products)
-    app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products))
+    app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products),
+                       own_grammar_only=True)
 
     @app.post("/v1/intent", tags=["cart intent"])
     async def cart_intent(body: IntentRequest):
@@ -213,12 +246,16 @@ def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, 
 
 
 def claim_port(host: str, port: int) -> None:
-    """StageBusy (exit 4) with one line when something already listens there, before the model loads."""
+    """StageBusy (exit 4) with one line when something already listens there, before the model loads; ConfigError
+    (exit 2) when the host is no address of this machine."""
     import socket
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: only a listener blocks
         try:
             probe.bind((host, port))
+        except socket.gaierror as err:   # a name that resolves to nothing is the config's, not a busy port
+            raise ConfigError(f"serve.host={host!r} is not an address of this host ({err.strerror}): use 127.0.0.1, "
+                              f"0.0.0.0 or one of its addresses") from None
         except OSError as err:
             raise StageBusy(f"{host}:{port} is not free ({err.strerror}): stop what holds it, or pick another "
                             f"port with --set serve.port=N") from None

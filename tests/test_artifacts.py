@@ -80,9 +80,15 @@ def test_user_text_in_errors_is_printed_literally(override, shown):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and shown in proc.stderr
 
 
+def _finished_stage(run_dir, folder="data"):
+    stage = StageRun(folder, folder, run_dir, {}, {}, "code", [])
+    (stage.fresh_tmp() / "x.txt").write_text("x")
+    stage.publish()
+
+
 def test_clean_deletes_one_run_inside_artifacts_and_honours_set(tmp_path):
     for run in ("smoke", "exp2"):
-        (tmp_path / run / "data").mkdir(parents=True)
+        _finished_stage(tmp_path / run)
     base = ["stages.clean", "--config", "configs/smoke.toml", "--set", f"run.artifacts_dir='{tmp_path}'"]
     dry = run_module(*base, "--set", "run.name='exp2'", "--dry-run")
     assert dry.returncode == 0 and "would delete" in dry.stderr and (tmp_path / "exp2").is_dir()
@@ -92,6 +98,36 @@ def test_clean_deletes_one_run_inside_artifacts_and_honours_set(tmp_path):
         proc = run_module(*base, "--set", f"run.name={bad}")
         assert proc.returncode == 2 and "run.name" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "smoke" / "data").is_dir() and tmp_path.is_dir()
+
+
+def test_clean_deletes_only_a_run_and_never_under_a_running_stage(tmp_path):
+    base = ["stages.clean", "--config", "configs/smoke.toml", "--set", f"run.artifacts_dir='{tmp_path}'"]
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "finetune.py").write_text("code, not a run")
+    proc = run_module(*base, "--set", "run.name='stages'", "--dry-run")
+    assert proc.returncode == 2 and "does not look like a run" in proc.stderr and "Traceback" not in proc.stderr
+    _finished_stage(tmp_path / "mixed")
+    (tmp_path / "mixed" / "notes.txt").write_text("someone else's")
+    proc = run_module(*base, "--set", "run.name='mixed'")
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr and (tmp_path / "mixed" / "data").is_dir()
+
+    _finished_stage(tmp_path / "x")
+    running = StageRun("base", "base", tmp_path / "x", {}, {}, "code", [])
+    running.fresh_tmp()   # this process now holds base's lock, as a running stage does
+    proc = run_module(*base, "--set", "run.name='x'")
+    assert proc.returncode == 4 and f"pid {os.getpid()}" in proc.stderr and running.tmp_dir.is_dir()
+
+
+def test_a_stage_never_publishes_a_folder_that_vanished_under_it(tmp_path):
+    import shutil
+    stage = StageRun("base", "base", tmp_path, {}, {}, "code", [])
+    (stage.fresh_tmp() / "tokenizer.json").write_text("{}")
+    shutil.rmtree(stage.tmp_dir)   # deleted under the stage, which then writes what it still had in hand
+    stage.tmp_dir.mkdir()
+    (stage.tmp_dir / "model.safetensors").write_text("half")
+    with pytest.raises(MissingArtifact, match="removed or replaced while base ran; nothing was published"):
+        stage.publish()
+    assert not stage.out_dir.exists()
 
 
 @pytest.mark.parametrize("override, needle", [("finetune.epochs=inf", "finite"), ("finetune.learning_rate=nan", "finite")])

@@ -82,6 +82,13 @@ def test_bad_values_name_file_and_key(tmp_path, text, needle):
     assert str(path) in str(err.value) and needle in str(err.value)
 
 
+@pytest.mark.parametrize("value", [0, -1, 8])
+def test_finetune_max_length_must_hold_an_example(tmp_path, value):
+    from stages.finetune import FinetuneConfig
+    with pytest.raises(ConfigError, match="finetune.max_length: expected tokens per example, 32 or more"):
+        load_stage_config(write(tmp_path, f"[finetune]\nmax_length = {value}\n"), "finetune", FinetuneConfig)
+
+
 @pytest.mark.parametrize("section, text, override, needle", [
     ("baseline", "[baseline.api]\nbase_url = 'ftp://x'\n", None, "baseline.api.base_url: expected"),
     ("baseline", "", "baseline.api.retries=3", "baseline.api.retries: unknown key"),

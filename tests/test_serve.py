@@ -150,6 +150,28 @@ def test_chat_route_answers_as_the_model_and_the_intent_route(server, quantized)
             assert chat(response_format=response_format) == expected, (text, response_format["type"])
 
 
+def test_a_hostile_grammar_is_a_4xx_and_the_server_lives(server, quantized):
+    """A left-recursive grammar crashed llama.cpp inside the serving process (SIGSEGV) on the in-process engine;
+    llama-server rejects it in its own process. Either way: a 4xx, and the server answers the next intent."""
+    hostile = {"prompt": "x", "max_tokens": 4, "grammar": 'root ::= root "a" | "a"'}
+    for path, body in (("/v1/completions", hostile),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                                                 "grammar": 'root ::= root "a" | "a"'})):
+        req = urllib.request.Request(f"http://127.0.0.1:{server}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        assert 400 <= refused.value.code < 500, path
+    schema = json.loads((quantized / "gguf" / "tiny" / "schema.json").read_text())
+    answer_format = {"type": "json_schema", "json_schema": {"name": "cart_intent", "schema": schema}}
+    req = urllib.request.Request(f"http://127.0.0.1:{server}/v1/chat/completions", headers={
+        "Content-Type": "application/json"}, data=json.dumps({"messages": [{"role": "user", "content": "add 3 soaps"}],
+                                                              "max_tokens": 48, "response_format": answer_format}).encode())
+    assert urllib.request.urlopen(req, timeout=120).status == 200   # the answer's own schema still decodes
+    status, answer = post(server, {"text": "add 3 soaps"})
+    assert status == 200, answer
+
+
 def test_bounded_load_200_requests_8_clients(server):
     texts = ["dodaj 3 paste za zube", "add two lip balms", "quita 4 jabones", "remove 1 shampoo"]
 
@@ -251,6 +273,21 @@ def test_predict_one_text_and_stdin_lines(quantized):
     answers = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert "UTF-8" in answers[0]["error"] and "tokens" in answers[1]["error"]
     assert_intent(answers[2])
+
+
+def test_a_truncated_gguf_exits_3_in_predict_and_serve(quantized, tmp_path):
+    """serve and predict check the file against the gguf manifest, as the stages check their inputs."""
+    import shutil
+    run = tmp_path / "smoke"
+    for folder in ("data", "gguf"):
+        shutil.copytree(quantized / folder, run / folder)
+    with open(run / "gguf" / "tiny" / "model-Q4_K_M.gguf", "r+b") as fh:
+        fh.truncate(100_000)
+    for name in ("predict", "serve"):
+        proc = subprocess.run(command(name, tmp_path, f"serve.port={free_port()}") + ["--text", "add 3 soaps"][
+            : 2 if name == "predict" else 0], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "model-Q4_K_M.gguf" in proc.stderr and "make gguf" in proc.stderr
 
 
 def test_missing_gguf_exits_3_naming_make_gguf(tmp_path):

@@ -106,6 +106,17 @@ def test_rows_outside_the_schema_are_rejected_with_file_and_line(tmp_path, chang
     assert str(err.value) == f"{path}:3: {problem}"
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_line_separators_inside_a_text_survive_the_jsonl_round_trip(tmp_path, separator):
+    """Rows are written with ensure_ascii=False, which leaves these unescaped; a reader splitting at them cut a
+    row in two ("not valid JSON" in the next stage). Every JSONL reader splits at "\\n" only."""
+    from stages.lib.artifacts import read_jsonl, write_jsonl
+    row = {**ROW, "text": f"add 12 lip{separator}balms"}
+    write_jsonl(tmp_path / "train.jsonl", [row, ROW])
+    assert read_examples(tmp_path / "train.jsonl", {"Lip Balm"}) == [row, ROW]
+    assert read_jsonl(tmp_path / "train.jsonl") == [row, ROW]
+
+
 def test_a_bad_row_in_a_run_split_names_the_generate_target(tmp_path):
     stage = StageRun("generate", "data", tmp_path, {}, {}, "code", [])
     (stage.fresh_tmp() / "train.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "quantity": 5000}) + "\n")

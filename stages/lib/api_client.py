@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import jsonl_lines
 from .config import require
 from .task import Completion
 
@@ -62,7 +63,7 @@ class ResponseCache:
         self.path, self.lock, self.records = path, threading.Lock(), {}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in jsonl_lines(path.read_text(encoding="utf-8")):
                 try:
                     record = json.loads(line)
                     self.records[record["key"]] = record

@@ -4,7 +4,7 @@ A stage writes into `<run>/.<stage>.tmp`, which is renamed to `<run>/<stage>` on
 when complete; `manifest.json` is written last, so a folder without one is never
 trusted. The manifest records config and code hashes, input hashes, every output
 file with size and hash, package versions, host facts and times. A rerun whose
-fingerprint (config + code + inputs) matches the existing manifest is skipped.
+fingerprint (config + code + inputs + the image it runs in) matches the existing manifest is skipped.
 """
 from __future__ import annotations
 
@@ -100,13 +100,24 @@ def package_versions(names: list[str]) -> dict[str, str]:
 
 
 def runner_facts() -> dict:
-    """Which runner produced a stage: `local` (.venv) or `docker`, with the image compose.yaml names and,
-    when the host knew it, the image's digest (set by compose.yaml; a container cannot ask the engine)."""
+    """Which runner produced a stage: `local` (.venv) or `docker`, with the image compose.yaml names and, when
+    the host knew them, the image's ID and registry digest (set by compose.yaml; a container cannot ask the
+    engine)."""
     facts = {"kind": os.environ.get("CART_RUNNER") or "local"}
-    for key, variable in (("image", "CART_IMAGE"), ("digest", "CART_IMAGE_DIGEST")):
+    for key, variable in (("image", "CART_IMAGE"), ("id", "CART_IMAGE_ID"), ("digest", "CART_IMAGE_DIGEST")):
         if os.environ.get(variable):
             facts[key] = os.environ[variable]
     return facts
+
+
+def environment_id() -> str:
+    """The environment a stage ran in, as part of its fingerprint, so a stage reruns when its image changes:
+    the image ID under docker (a content hash, the same after a push and pull), else the image reference
+    (its tag hashes the image's inputs); `local` for .venv."""
+    facts = runner_facts()
+    if facts["kind"] == "local":
+        return "local"
+    return facts.get("id") or facts.get("image") or facts["kind"]
 
 
 def _read_json_or_none(path: Path):
@@ -169,7 +180,8 @@ class StageRun:
 
     @property
     def fingerprint(self) -> dict:
-        return {"config_hash": sha256_json(self.config), "code_hash": self.code, "inputs": self.inputs}
+        return {"config_hash": sha256_json(self.config), "code_hash": self.code, "inputs": self.inputs,
+                "environment": environment_id()}
 
     def up_to_date(self) -> bool:
         old = read_manifest(self.out_dir)
@@ -177,23 +189,12 @@ class StageRun:
 
     def lock(self) -> None:
         """Hold `.<folder>.lock` beside the output until this process ends: a second run of the same stage and
-        run stops with one line naming the holder instead of deleting the first one's temporary folder."""
-        import fcntl
+        run (or `make clean` of the run) stops with one line naming the holder instead of deleting the first
+        one's temporary folder."""
         path = self.out_dir.parent / f".{self.out_dir.name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise StageBusy(f"{self.out_dir} is being written by {holder}; wait for it to finish or stop it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} ({self.stage}, since {time.strftime('%H:%M:%S')})")
-        handle.flush()
-        self._lock_handle = handle  # released when the process exits
+        self._lock_handle = take_lock(path, self.out_dir, f"pid {os.getpid()} ({self.stage}, since "
+                                                          f"{time.strftime('%H:%M:%S')})")  # released at exit
 
     def fresh_tmp(self, resumable: bool = False) -> Path:
         """The temporary folder (the stage's lock taken first). `resumable` keeps a previous attempt's files only
@@ -213,8 +214,13 @@ class StageRun:
         return self.tmp_dir
 
     def publish(self) -> dict:
-        """Rename the temporary folder into place, then write the manifest last."""
-        (self.tmp_dir / RESUME_STAMP).unlink(missing_ok=True)
+        """Rename the temporary folder into place, then write the manifest last. The stamp fresh_tmp wrote must
+        still be there: a folder deleted under the stage (and maybe half rewritten) is never published."""
+        stamp = self.tmp_dir / RESUME_STAMP
+        if _read_json_or_none(stamp) != self.fingerprint:
+            raise MissingArtifact(f"{self.tmp_dir} was removed or replaced while {self.stage} ran; nothing was "
+                                  f"published: run it again")
+        stamp.unlink()
         outputs = {str(p.relative_to(self.tmp_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in sorted(self.tmp_dir.rglob("*")) if p.is_file()}
         if self.out_dir.exists():
@@ -236,6 +242,25 @@ class StageRun:
         return manifest
 
 
+def take_lock(path: Path, guarded: Path, holder: str):
+    """An exclusive lock on path (created if missing), held as long as the returned handle is open, with holder
+    written into it; StageBusy naming the present holder when another process has it."""
+    import fcntl
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        present = handle.read().strip() or "another process"
+        handle.close()
+        raise StageBusy(f"{guarded} is being written by {present}; wait for it to finish or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(holder)
+    handle.flush()
+    return handle
+
+
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -250,9 +275,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON Lines text: split at "\n" only. Rows are written with ensure_ascii=False, which leaves
+    U+2028, U+2029 and U+0085 unescaped inside strings, and str.splitlines() would cut a row at each of them."""
+    return text.split("\n")
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
 
 
 @contextmanager

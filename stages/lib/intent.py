@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import MissingArtifact
+from .artifacts import MissingArtifact, require_stage
 from .backends import GGUFBackend
 from .config import require
 from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
@@ -48,13 +48,15 @@ class ServeConfig:
 
 
 def gguf_path(run, cfg: ServeConfig) -> Path:
-    """<run>/gguf/<slug>/model-<variant>.gguf, or MissingArtifact naming `make gguf`."""
+    """<run>/gguf/<slug>/model-<variant>.gguf as the gguf manifest lists it (a truncated or altered file is caught
+    here, as every stage catches its inputs), or MissingArtifact naming `make gguf`."""
     root = run.run_dir / "gguf"
-    slugs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    outputs = require_stage(run.run_dir, "gguf", "gguf")["outputs"]
+    slugs = sorted({name.split("/")[0] for name in outputs if name.endswith(".gguf")})
     slug = cfg.model or (slugs[0] if slugs else "")
     name = "model-f16.gguf" if cfg.variant.upper() == "F16" else f"model-{cfg.variant}.gguf"
     path = root / slug / name
-    if not slug or not path.is_file():
+    if not slug or f"{slug}/{name}" not in outputs:
         raise MissingArtifact(f"{path if slug else root} not found (models here: {', '.join(slugs) or 'none'}); "
                               f"run `make gguf CONFIG=...` with {cfg.variant} in gguf.types")
     return path

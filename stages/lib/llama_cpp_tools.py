@@ -40,6 +40,10 @@ SERVER_CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA
                      "-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF")
 
 
+# tarfile's "data" filter exists from Python 3.11.4 (Debian 12 has 3.11.2); the sdist is hash-pinned either way
+EXTRACT_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 class ToolsMissing(Exception):
     """The converter or llama-server is not installed where the stage looks for it."""
 
@@ -104,7 +108,9 @@ def pinned_version(requirements: Path) -> str:
 
 
 def fetch_sdist(version: str, folder: Path) -> Path:
-    """The sdist through pip (the user's index and proxy settings apply), hash-checked against SDIST_SHA256."""
+    """The sdist through pip (the user's index and proxy settings apply), hash-checked against SDIST_SHA256.
+    Only this package as source: pip prepares its metadata in a build environment, whose own requirements
+    (cmake, ninja, scikit-build-core) would otherwise be compiled from source too (minutes, not seconds)."""
     if version not in SDIST_SHA256:
         raise SystemExit(f"no sha256 pinned for {PACKAGE}=={version}: add it to SDIST_SHA256 in {__file__}")
     archive = folder / f"llama_cpp_python-{version}.tar.gz"
@@ -115,7 +121,7 @@ def fetch_sdist(version: str, folder: Path) -> Path:
         pins = Path(tmp) / "requirements.txt"
         pins.write_text(f"{PACKAGE}=={version} --hash=sha256:{SDIST_SHA256[version]}\n")
         subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
-                        "--no-binary", ":all:", "--require-hashes", "-r", str(pins), "-d", str(folder)], check=True)
+                        "--no-binary", PACKAGE, "--require-hashes", "-r", str(pins), "-d", str(folder)], check=True)
     return archive
 
 
@@ -231,7 +237,13 @@ def check_server() -> None:
     if proc.returncode != 0:
         raise SystemExit(f"llama-server does not run (exit code {proc.returncode}): rebuild with "
                          f"`rm -rf {sys.prefix} && make venv`")
-    print(f"llama-server runs ({(proc.stdout + proc.stderr).strip().splitlines()[0]})")
+    version = (proc.stdout + proc.stderr).strip()
+    commit_file = tools_dir() / "COMMIT"
+    pinned = commit_file.read_text().strip()[:7] if commit_file.is_file() else ""
+    if pinned and pinned not in version:   # "version: 0.5.0-dev (build 1, commit 0c1e570)"; without git: "unknown"
+        raise SystemExit(f"llama-server does not name the pinned commit {pinned} ({version.splitlines()[0]}): build it "
+                         f"where git is installed, which reads the commit from the sdist's git metadata")
+    print(f"llama-server runs ({version.splitlines()[0]})")
 
 
 def extract(sdist: Path, version: str, wanted, dest: Path) -> None:
@@ -241,7 +253,7 @@ def extract(sdist: Path, version: str, wanted, dest: Path) -> None:
         for member in tar.getmembers():
             if member.name.startswith(root) and wanted(member.name[len(root):]):
                 member.name = member.name[len(root):]
-                tar.extract(member, dest, filter="data")
+                tar.extract(member, dest, **EXTRACT_FILTER)
 
 
 def install_converter(sdist: Path, version: str, dest: Path) -> str:

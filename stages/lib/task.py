@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import MissingArtifact
+from .artifacts import MissingArtifact, jsonl_lines
 from .catalog import run_catalog
 
 ACTIONS = ("add", "remove")
@@ -192,7 +192,7 @@ def numbered_examples(path: Path, catalog_names: set[str]) -> list[tuple[int, di
     except UnicodeDecodeError as err:
         raise BadExamples(f"{path}: not UTF-8 text (byte {err.start}); expected JSON Lines of labelled examples") from None
     examples = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -4,8 +4,10 @@ Those images build llama.cpp with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANTS: the
 separate libggml-cpu-<level>.so modules (x64, sse42, sandybridge, haswell, skylakex, icelake, zen4, ...)
 and ggml scores them against the running CPU and loads the best one. llama-cpp-python 0.3.36 never
 calls ggml_backend_load_all() (abetlen/llama-cpp-python#2069), so without this file every model load
-stops with "no backends are loaded". The Dockerfiles install it as the venv's sitecustomize.py; on a
-regular build (the local .venv: its CPU backend linked in, no variant modules) it does nothing.
+stops with "no backends are loaded". The Dockerfiles put it in the venv's site-packages beside
+ggml_cpu_backend.pth, whose `import` line runs it at every interpreter start (a .pth, not sitecustomize.py:
+a distribution's own sitecustomize, as Debian's python3 has, would shadow that one). On a regular build
+(the local .venv: its CPU backend linked in, no variant modules) it does nothing.
 """
 import ctypes
 import sys
@@ -29,7 +31,7 @@ def load_cpu_backend() -> None:
     ggml.ggml_backend_load_all_from_path(str(lib).encode())
     ggml.ggml_log_set(None, None)
     if ggml.ggml_backend_reg_count() == 0:
-        print(f"sitecustomize: no llama.cpp CPU backend in {lib} suits this CPU", file=sys.stderr)
+        print(f"ggml_cpu_backend: no llama.cpp CPU backend in {lib} suits this CPU", file=sys.stderr)
 
 
 load_cpu_backend()
