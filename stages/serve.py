@@ -13,7 +13,9 @@ decoding on (plus "raw" and "latency_s"), or 422 {"detail", "raw"} when the answ
 Bad requests (no text, empty text, over-long text in characters or in tokens for the context, text that is
 not valid Unicode, not JSON) get a 4xx with a message. The GGUF's chat template makes /v1/chat/completions
 with one user message send the training prompt; with the answer's JSON Schema (gguf/<model>/schema.json) in
-`response_format` it decodes with the answer's grammar and gives /v1/intent's answer. Writes nothing.
+`response_format` it decodes with the answer's grammar and gives /v1/intent's answer. Security: it listens on
+serve.host (127.0.0.1 by default), sends no CORS header but for the origins in serve.cors_origins, and with
+serve.api_key_env asks every route but /health for `Authorization: Bearer <key>`. Writes nothing.
 
     python -m stages.serve --config configs/smollm2.toml                   # http://127.0.0.1:8000
     python -m stages.serve --config configs/smoke.toml --set serve.variant='"F16"' --set serve.port=8080
@@ -25,6 +27,7 @@ Reads artifacts/<run>/gguf/<model>/model-<variant>.gguf (made by `make gguf`).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import sys
 import time
@@ -37,8 +40,9 @@ from rich.text import Text
 from stages.lib import cli
 from stages.lib.artifacts import StageBusy
 from stages.lib.backends import GGUFBackend, answer_schema
-from stages.lib.child import ChildFailed
 from stages.lib.catalog import run_catalog
+from stages.lib.child import ChildFailed
+from stages.lib.config import ConfigError
 from stages.lib.intent import IntentModel, IntentRules, ServeConfig, gguf_path
 from stages.lib.llama_cpp_tools import ToolsMissing
 from stages.lib.task import answer_gbnf, answer_json_schema
@@ -101,7 +105,9 @@ class AnswerSchemaAsGrammar:
         """The body to pass on, or the reason it is refused."""
         try:
             request = json.loads(body)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            return body, "the request body nests deeper than Python's parser goes: send a flat JSON object"
+        except ValueError:
             return body, None   # the server answers it with its own 4xx
         if not isinstance(request, dict):
             return body, None
@@ -135,6 +141,42 @@ class AnswerSchemaAsGrammar:
         await self.app({**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}, replay, send)
 
 
+class AccessPolicy:
+    """ASGI middleware around either engine. No CORS header from behind it reaches a browser (llama-server and
+    llama-cpp-python's app each allow any origin on their own): `guarded` puts the CORS policy of
+    serve.cors_origins in front. With serve.api_key_env, every route but /health asks for
+    `Authorization: Bearer <key>` (compared in constant time)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+                from fastapi.responses import JSONResponse
+                refusal = JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <key>"},
+                                       status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await refusal(scope, receive, send)
+
+        async def without_cors(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if not k.lower().startswith(b"access-control-")]
+                message = {**message, "headers": headers}
+            await send(message)
+        await self.app(scope, receive, without_cors)
+
+
+def guarded(app, cfg: ServeConfig):
+    """The app as served: the CORS policy (only serve.cors_origins; a preflight from any other origin is a 400),
+    then the API key, then the engine."""
+    from starlette.middleware.cors import CORSMiddleware
+    return CORSMiddleware(AccessPolicy(app, cfg.api_key()), allow_origins=cfg.cors_origins,
+                          allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+
+
 def alias(path: Path, cfg: ServeConfig) -> str:
     """The model id /v1/models lists, either engine: <model slug>-<variant>."""
     return f"{path.parent.name}-{cfg.variant}"
@@ -157,6 +199,12 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products)
     app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products),
                        own_grammar_only=True)
+
+    @app.get("/health", tags=["cart intent"])
+    async def health():
+        """200 once the model is loaded (it is, before the app starts): as llama-server's /health, for load
+        balancers and the server image's HEALTHCHECK."""
+        return {"status": "ok"}
 
     @app.post("/v1/intent", tags=["cart intent"])
     async def cart_intent(body: IntentRequest):
@@ -262,7 +310,7 @@ def claim_port(host: str, port: int) -> None:
 
 
 def serve(run, cfg: ServeConfig, args) -> int:
-    import uvicorn
+    cfg.api_key()   # a key asked for but not in the environment: one line, before the model loads
     claim_port(cfg.host, cfg.port)
     path = gguf_path(run, cfg)
     products = run_catalog(run.run_dir).names
@@ -270,24 +318,30 @@ def serve(run, cfg: ServeConfig, args) -> int:
     if cfg.engine == "llama-cpp-python":
         app = create_app(path, cfg, products)
         cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}; one request at a time)")
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
-        return cli.EXIT_OK
+        return run_until_stopped(guarded(app, cfg), cfg)
     from llama_cpp import Llama
     vocab = GGUFBackend.wrapping(Llama(str(path), vocab_only=True, verbose=False))   # tokens only, no weights
     tokenize = vocab.stepper().tokenize
-    rules = IntentRules(tokenize, cfg.n_ctx, cfg.max_text_chars, products)
     vocabulary = vocab.vocabulary()
     try:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
+            rules = IntentRules(tokenize, server.slot_context(), cfg.max_text_chars, products)
             decoder = IntentDecoder(server, tokenize, vocabulary, answer_schema(tuple(products)))
             cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
                               f"/metrics; llama-server, {cfg.slots} slots)")
-            uvicorn.run(create_proxy_app(server, cfg, rules, decoder), host=cfg.host, port=cfg.port,
-                        log_level="warning")
+            return run_until_stopped(guarded(create_proxy_app(server, cfg, rules, decoder), cfg), cfg)
     except (ChildFailed, ToolsMissing) as err:
         cli.console.print(Text.assemble(("serve failed ", "red"), str(err)))
         return cli.EXIT_FAILED
-    return cli.EXIT_OK
+
+
+def run_until_stopped(app, cfg: ServeConfig) -> int:
+    """Serve until Ctrl-C or SIGTERM, which uvicorn turns into a graceful shutdown and a normal return: the
+    exit code is then 130, as for every interrupted stage (a supervisor can tell a stop from a clean exit)."""
+    import uvicorn
+    uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning")).run()
+    cli.console.print("serve stopped (Ctrl-C or SIGTERM)")
+    return cli.EXIT_INTERRUPTED
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,12 @@ class LlamaServer(Child):
         with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:   # 503 while loading
             return reply.status == 200
 
+    def slot_context(self) -> int:
+        """Tokens of context each slot really has: llama-server caps serve.n_ctx at the model's training context,
+        and the front must check texts against that, not the asked-for size (a longer one failed as a 502)."""
+        with urllib.request.urlopen(f"{self.url}/slots", timeout=10) as reply:
+            return min(int(slot["n_ctx"]) for slot in json.loads(reply.read()))
+
     def __exit__(self, *exc) -> None:
         super().__exit__()
         self.log.unlink(missing_ok=True)

@@ -56,6 +56,8 @@ def running_server(quantized, *sets):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
                 break
+            except urllib.error.HTTPError:
+                break   # it answers (401 when it asks for a key)
             except OSError:
                 time.sleep(0.3)
         yield port, proc
@@ -170,6 +172,65 @@ def test_a_hostile_grammar_is_a_4xx_and_the_server_lives(server, quantized):
     assert urllib.request.urlopen(req, timeout=120).status == 200   # the answer's own schema still decodes
     status, answer = post(server, {"text": "add 3 soaps"})
     assert status == 200, answer
+
+
+def test_text_over_the_slot_context_is_a_4xx_on_llama_server(quantized):
+    """serve.n_ctx above the model's training context (the smoke base: 256): llama-server caps each slot there,
+    and the front must check texts against that cap (a text between the two was a 502 after decoding began)."""
+    with running_server(quantized, 'serve.engine="llama-server"', "serve.n_ctx=4096", "serve.slots=1") as (port, _):
+        status, answer = post(port, {"text": "add 3 soaps " + "\U0001F9F4" * 60})
+        assert 400 <= status < 500 and "tokens" in answer["detail"], (status, answer)
+        assert post(port, {"text": "add 3 soaps"})[0] == 200
+
+
+def request(port, path, method="GET", body=None, headers=None):
+    """(status, headers) of one request, errors included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=headers or {},
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}
+
+
+@pytest.mark.parametrize("engine", ["llama-server", "llama-cpp-python"])
+def test_no_cors_but_the_configured_origins_and_an_api_key_on_every_route_but_health(quantized, engine, monkeypatch):
+    """Any web page could drive the server: llama-server's and llama-cpp-python's allow-any-origin headers went
+    through. Now only serve.cors_origins get CORS headers, and serve.api_key_env asks for a bearer key."""
+    monkeypatch.setenv("CART_TEST_KEY", "s3cret-key")
+    sets = (f'serve.engine="{engine}"', 'serve.cors_origins=["https://shop.example"]', 'serve.api_key_env="CART_TEST_KEY"')
+    with running_server(quantized, *sets) as (port, _):
+        key = {"Authorization": "Bearer s3cret-key", "Content-Type": "application/json"}
+        assert request(port, "/health")[0] == 200   # no key: load balancers and the image's HEALTHCHECK
+        assert request(port, "/v1/intent", "POST", {"text": "add 3 soaps"}, {"Content-Type": "application/json"})[0] == 401
+        assert request(port, "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert request(port, "/v1/intent", "POST", {"text": "add 3 soaps"}, key)[0] == 200
+        for path in ("/v1/models", "/slots") if engine == "llama-server" else ("/v1/models",):
+            status, headers = request(port, path, headers={**key, "Origin": "http://evil.example"})
+            assert status == 200 and not [h for h in headers if h.startswith("access-control-")], (path, headers)
+        preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        status, headers = request(port, "/v1/intent", "OPTIONS", headers=preflight)
+        assert status == 400 and "access-control-allow-origin" not in headers
+        status, headers = request(port, "/v1/intent", "OPTIONS", headers={**preflight, "Origin": "https://shop.example"})
+        assert status == 200 and headers["access-control-allow-origin"] == "https://shop.example"
+        assert "access-control-allow-credentials" not in headers
+
+
+@pytest.mark.parametrize("engine", ["llama-server", "llama-cpp-python"])
+def test_a_stopped_server_exits_130_and_leaves_no_log(quantized, engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))   # where llama-server's log would be left
+    with running_server(quantized, f'serve.engine="{engine}"') as (_, proc):
+        proc.terminate()
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()[-2000:]
+    assert not list(tmp_path.glob("llama-server-*"))
+
+
+def test_a_missing_api_key_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("CART_TEST_KEY", raising=False)
+    proc = subprocess.run(command("serve", tmp_path, 'serve.api_key_env="CART_TEST_KEY"'), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CART_TEST_KEY is not set" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bounded_load_200_requests_8_clients(server):

@@ -3,14 +3,15 @@ GGUF file it names, the rules a message and an answer must pass, and text -> che
 (constrained decoding, parse, schema check)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import MissingArtifact, require_stage
 from .backends import GGUFBackend
-from .config import require
+from .config import ConfigError, require
 from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
 
 
@@ -32,6 +33,11 @@ class ServeConfig:
     max_text_chars: int = 500   # longer messages are refused (422)
     n_ctx: int = 512            # tokens of context per request (per slot; llama-server allocates slots x n_ctx)
     startup_timeout_s: int = 120  # llama-server: until it answers /health
+    # web pages (origins) allowed to call the server from a browser, e.g. ["https://shop.example"]; [] none
+    cors_origins: list[str] = field(default_factory=list)
+    # the environment variable holding the API key every route but /health then asks for
+    # (`Authorization: Bearer <key>`, as OpenAI, llama-server and vLLM do); "": no key
+    api_key_env: str = ""
 
     def validate(self) -> None:
         require(self.variant.replace("_", "").isalnum(), "variant", 'a GGUF type such as "Q4_K_M" or "F16"')
@@ -45,6 +51,20 @@ class ServeConfig:
         require(self.threads >= 0, "threads", "an integer >= 0 (0: every core)")
         require(self.max_text_chars >= 1, "max_text_chars", "an integer >= 1")
         require(self.n_ctx >= 128, "n_ctx", "an integer >= 128")
+        require(all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2
+                    for o in self.cors_origins), "cors_origins", 'origins such as "https://shop.example" (no path)')
+        require(self.api_key_env == "" or self.api_key_env.replace("_", "").isalnum(), "api_key_env",
+                'the name of an environment variable, e.g. "CART_API_KEY", or ""')
+
+    def api_key(self) -> str:
+        """The key clients must send, from the environment (never from a file): "" when none is asked for."""
+        if not self.api_key_env:
+            return ""
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(f"serve.api_key_env: {self.api_key_env} is not set in the environment: export it, "
+                              f"or set serve.api_key_env=\"\" to serve without a key")
+        return key
 
 
 def gguf_path(run, cfg: ServeConfig) -> Path:
