@@ -159,8 +159,7 @@ images:
 
 ## Push this checkout's images to REGISTRY (layers the registry has are not sent again)
 push:
-	@test "$(REGISTRY)" != localhost || { echo "make push needs REGISTRY=<registry>/<namespace>, e.g. ghcr.io/you"; exit 2; }
-	@for ref in $$($(HOST_PY) images/tags.py refs $(IMAGES)); do docker push -q $$ref || exit 1; done
+	$(HOST_PY) images/tags.py push $(IMAGES)
 
 ## Pull this checkout's images from REGISTRY (what `make push` published from the same commit)
 pull:

@@ -10,6 +10,7 @@ exactly the code and pins of the checkout that made it.
     python3 images/tags.py tag cpu           # one image's tag
     python3 images/tags.py refs [IMAGE ...]  # <registry>/cart-intent-<image>:<tag>, one per image
     python3 images/tags.py build [IMAGE ...] # docker build, once per image, skipping tags already here
+    python3 images/tags.py push [IMAGE ...]  # docker push to REGISTRY (tagged there from the local build)
     python3 images/tags.py bases             # the base images the build arguments name
 
 Build arguments come from the environment (Make passes its variables): PYTHON_IMAGE, CUDA_BASE_IMAGE,
@@ -290,8 +291,27 @@ def build(names: list[str], force: bool) -> int:
     return 0
 
 
+def push(names: list[str]) -> int:
+    """docker push of this checkout's images to REGISTRY, each tagged there first from the local build
+    (`localhost/...`) when it was built under another name; layers the registry has are not sent again."""
+    registry = os.environ.get("REGISTRY") or DEFAULT_REGISTRY
+    if registry == DEFAULT_REGISTRY:
+        raise SystemExit("make push needs REGISTRY=<registry>/<namespace>, e.g. registry.example/you")
+    for name in names or image_names():
+        remote, local = ref(name), f"{DEFAULT_REGISTRY}/cart-intent-{name}:{tag(name)}"
+        if not inspect(remote):
+            if not inspect(local):
+                raise SystemExit(f"{remote}: not built here (nor {local}): run make images first")
+            subprocess.run(["docker", "tag", local, remote], check=True)
+        began = time.monotonic()
+        subprocess.run(["docker", "push", "-q", remote], check=True)
+        print(f"{remote}: pushed in {time.monotonic() - began:.0f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    usage = "usage: images/tags.py env [--digests] | tag IMAGE | refs [IMAGE ...] | build [--force] [IMAGE ...] | bases"
+    usage = ("usage: images/tags.py env [--digests] | tag IMAGE | refs [IMAGE ...] | build [--force] [IMAGE ...] | "
+             "push [IMAGE ...] | bases")
     if argv[:1] == ["env"] and argv[1:] in ([], ["--digests"]):
         print("\n".join(env(digests=argv[1:] == ["--digests"])))
     elif argv[:1] == ["tag"] and len(argv) == 2:
@@ -303,6 +323,8 @@ def main(argv: list[str]) -> int:
         for name in names:
             dockerfile(name)  # an unknown name stops here with the list
         return build(names, force="--force" in argv)
+    elif argv[:1] == ["push"]:
+        return push(argv[1:])
     elif argv == ["bases"]:
         args = chosen_args()
         print("\n".join(sorted({args.get(k) or default_arg(k) for k in BASE_IMAGE_ARGS})))

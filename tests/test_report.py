@@ -14,9 +14,14 @@ def write(path, value):
     path.write_text(json.dumps(value))
 
 
-def manifest(folder, stage_name, results=None):
+DOCKER_RUNNER = {"kind": "docker", "image": "registry.example/cart-intent-cpu:0123456789ab", "id": "sha256:" + "a" * 64,
+                 "digest": "registry.example/cart-intent-cpu@sha256:" + "b" * 64}
+
+
+def manifest(folder, stage_name, results=None, runner=None):
     write(folder / "manifest.json", {"stage": stage_name, "config_hash": "c" * 64, "code_hash": "d" * 64, "outputs": {},
                                      "results": results or {}, "packages": {"llama-cpp-python": "0.3.36"},
+                                     "runner": runner or {"kind": "local"},
                                      "finished": "2026-11-28T12:00:00+0000", "wall_s": 1.5})
 
 
@@ -49,7 +54,7 @@ def build_run(root):
     manifest(run / "base", "base", {"models": {"tiny": {"kind": "tiny"}}})
     manifest(run / "gptq", "gptq", {"models": {"tiny": {"bytes": 2_900_000, "fp16_bytes": 7_900_000}}})
     manifest(run / "gguf", "gguf", {"llama_cpp_commit": "0c1e57098bba", "models": {"tiny": {"parameters": 1_910_016, "variants": {
-        t: {"file": f"model-{t}.gguf", "bytes": b} for t, b in SIZES.items()}}}})
+        t: {"file": f"model-{t}.gguf", "bytes": b} for t, b in SIZES.items()}}}}, runner=DOCKER_RUNNER)
     rows = [eval_row(v, "free", em) for v, em in EM.items()] + [eval_row("fp16", "constrained", 0.915)]
     write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}]})
     manifest(run / "eval", "evaluate")
@@ -141,6 +146,9 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
                     "Deployment recommendation", "Environment"):
         assert f"## {heading}" in report
     assert "embedded tiny model" in report and "0c1e57098bba" in report and "NVIDIA H200" in report
+    environment = report.split("## Environment")[1]   # the image each stage ran in: name, ID, registry digest
+    assert re.search(r"\| gguf \|[^\n]*\| docker \| cart-intent-cpu:0123456789ab \| a{12} \| b{12} \|", environment)
+    assert re.search(r"\| base \|[^\n]*\| local \| – \| – \| – \|", environment)
     table2 = report.split("## Table 2")[1].split("##")[0]
     assert re.search(r"\| GGUF Q5_K_M \| 0\.930 \| \[0\.910, 0\.950\] \| 1\.000 \|", table2)
     assert "| xeon-8c-bbbbbb | GGUF Q4_K_M | 0.925 | 2.5 | 0.06 | 4,500 | 2,250 |" in report
