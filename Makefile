@@ -73,7 +73,7 @@ unexport FORCE
 ## Show this help
 help:
 	@awk 'BEGIN {FS = ":.*"} /^## / {desc = substr($$0, 4); next} /^[a-zA-Z_-]+:/ && desc {printf "  \033[36m%-12s\033[0m %s\n", $$1, desc; desc = ""}' $(MAKEFILE_LIST)
-	@echo "  Variables: CONFIG=$(CONFIG)  SET=\"section.key=value ...\"  FORCE=1  RUNNER=$(RUNNER) (docker|local)  REGISTRY=$(REGISTRY)"
+	@echo "  Variables: CONFIG=$(CONFIG)  SET=\"section.key=value ...\"  FORCE=1  RUNNER=$(RUNNER) (docker|local)  REGISTRY=$(REGISTRY)  BASE_IMAGES=$(BASE_IMAGES) (hub|debian)  NETWORK=$(NETWORK)"
 
 # llama.cpp (inside llama-cpp-python) built for any x86-64-v3 CPU (AVX2, FMA, F16C), not -march=native: a
 # virtualised Xeon that reports AMX without running it dies in ggml's AMX kernels ("Illegal instruction").

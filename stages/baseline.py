@@ -133,7 +133,7 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
             else:
                 answers, extra = run_open_weight(name, open_weight_path(name, run_dir), prompts, cfg)
         except (RuntimeError, ApiUnavailable) as err:
-            cli.console.print(f"[yellow]skipped[/yellow] {name}: {err}")
+            cli.console.print(Text.assemble(("skipped ", "yellow"), f"{name}: {err}"))
             rows.append({"model": name, "kind": kind, "skipped": str(err)})
             continue
         scored = score(examples, answers, catalog_names)

@@ -37,7 +37,7 @@ def run(run_cfg, cfg: CleanConfig, args) -> int:
     if target.parent != root:
         raise ConfigError(f"run.name {run_cfg.name!r}: {target} is not a folder directly inside {root}")
     if not target.exists():
-        cli.console.print(f"nothing to delete: {target} does not exist", markup=False)
+        cli.console.print(f"nothing to delete: {target} does not exist")
         return 0
     strangers = not_of_a_run(target)
     if strangers:
@@ -46,7 +46,7 @@ def run(run_cfg, cfg: CleanConfig, args) -> int:
     locks = [take_lock(path, path.parent, f"pid {os.getpid()} (clean)") for path in sorted(target.rglob(".*.lock"))]
     entries = sorted(p.name for p in target.iterdir())
     verb = "would delete" if args.dry_run else "deleting"
-    cli.console.print(f"{verb} {target} ({len(entries)} entries: {', '.join(entries)})", markup=False)
+    cli.console.print(f"{verb} {target} ({len(entries)} entries: {', '.join(entries)})")
     if not args.dry_run:
         shutil.rmtree(target)
     for handle in locks:

@@ -128,7 +128,7 @@ def run(run_cfg, cfg: CompareConfig, args) -> int:
         {"headers": b[1], "rows": b[2]} for b in blocks if b[0] == "table"]})
     stage.results.update(runs=runs, tables=tables)
     stage.publish()
-    cli.console.print(f"compare: {stage.out_dir / 'report.html'}", markup=False)
+    cli.console.print(f"compare: {stage.out_dir / 'report.html'}")
     return 0
 
 

@@ -240,6 +240,11 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
             if llm is None:
                 return 1   # endpoint down or budget spent: said so, nothing published, answers so far cached
         splits = split(own + examples, cfg)
+    empty = [name for name, rows in splits.items() if not rows]
+    if empty:   # every later stage needs rows in each split
+        raise ConfigError(f"generate: {len(own) + len(examples)} examples leave {' and '.join(empty)} empty at "
+                          f"test_fraction={cfg.test_fraction} and val_fraction={cfg.val_fraction}: give more rows "
+                          f"(generate.data_file, generate.n_examples) or larger fractions")
     out = stage.fresh_tmp()
     shutil.copyfile(catalog_path, out / RUN_CATALOG)   # the catalog travels with the data it labels
     for name, rows in splits.items():

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.text import Text
+
 from stages.lib import artifacts, cli, hardware
 from stages.lib.config import as_dict, require
 from stages.lib.models import quantization_sources
@@ -227,7 +229,7 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
         artifacts.write_json(out / "results.json", {"host": host, "skipped": reason, "rows": []})
         stage.results.update(host=host, skipped=reason)
         stage.publish()
-        cli.console.print(f"[yellow]profile-gpu skipped[/yellow]: {reason}")
+        cli.console.print(Text.assemble(("profile-gpu skipped", "yellow"), f": {reason}"))
         return 0
     from stages.lib.task import ANSWER_TOKENS, build_prompt
     test = read_split(run_dir, "test")
@@ -251,7 +253,7 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
             try:
                 result = hardware.run_worker("stages.profile_gpu", spec, cfg.timeout_s)
             except RuntimeError as err:
-                cli.console.print(f"[red]profile-gpu failed[/red] {err}")
+                cli.console.print(Text.assemble(("profile-gpu failed ", "red"), str(err)))
                 return 1
             rows.append({"model": slug, "source": source["kind"], "fixed_tokens": fixed, **result})
     artifacts.write_json(out / "results.json", {"host": host, "gpu": gpu, "rows": rows})

@@ -31,6 +31,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from rich.table import Table
+from rich.text import Text
 
 from stages.lib.artifacts import MANIFEST, read_manifest, sha256_file
 from stages.lib.cli import EXIT_CONFIG, EXIT_OK, EXIT_UPSTREAM, console
@@ -263,7 +264,12 @@ def main(argv=None) -> int:
                 raise TransferError(f"{run.run_dir} has no finished stage folder: run `make all` (with the same "
                                     f"CONFIG) first")
             out = Path(args.out) if args.out else default_archive(run, wanted)
-            packed = export_run(run.run_dir, select(run.run_dir, available, wanted), out)
+            if out.is_dir() or not out.name.endswith(".tar.gz"):
+                raise ConfigError(f"--out {out}: give the archive's file name, ending in .tar.gz")
+            try:
+                packed = export_run(run.run_dir, select(run.run_dir, available, wanted), out)
+            except OSError as err:   # a folder that is not writable, a full disk: nothing was left behind
+                raise ConfigError(f"--out {out}: cannot write it ({err.strerror}); nothing was written") from None
             table = Table(title=f"exported {run.run_dir} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)",
                           title_justify="left")
             for column in ("stage folder", "files", "MiB"):
@@ -282,10 +288,10 @@ def main(argv=None) -> int:
         console.print(table)
         return EXIT_OK
     except ConfigError as err:
-        console.print(f"[red]usage error[/red] {err}")
+        console.print(Text.assemble(("usage error ", "red"), str(err)))
         return EXIT_CONFIG
     except TransferError as err:
-        console.print(f"[red]refused[/red] {err}")
+        console.print(Text.assemble(("refused ", "red"), str(err)))
         return EXIT_UPSTREAM
 
 

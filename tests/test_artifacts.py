@@ -130,6 +130,34 @@ def test_a_stage_never_publishes_a_folder_that_vanished_under_it(tmp_path):
     assert not stage.out_dir.exists()
 
 
+@pytest.mark.parametrize("args, shown", [
+    (["stages.transfer", "import", "/tmp/[/x].tar.gz"], "/tmp/[/x].tar.gz"),
+    (["stages.transfer", "import", "/tmp/[bold]zz[/bold].tar.gz"], "[bold]zz[/bold]"),
+    (["stages.transfer", "export", "--config", "configs/smoke.toml", "--stages", "[/x]"], "[/x]"),
+])
+def test_markup_in_paths_and_names_is_shown_as_written(args, shown, tmp_path):
+    """rich read "[/x]" as a closing tag (MarkupError traceback) and "[bold]zz[/bold]" as style: the console
+    prints every message literally now; styles come from Text objects."""
+    _finished_stage(tmp_path / "smoke")
+    proc = run_module(*args, *(["--set", f"run.artifacts_dir='{tmp_path}'"] if "export" in args else []))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and shown in proc.stderr, proc.stderr[-1000:]
+
+
+def test_a_config_not_in_utf8_or_nested_too_deep_is_one_line(tmp_path):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'[run]\nname = "\xff"\n')
+    proc = run_module("stages.generate", "--config", str(config))
+    assert proc.returncode == 2 and "not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    deep = "[" * 3000 + "]" * 3000
+    proc = run_module("stages.generate", "--config", "configs/smoke.toml", "--set", f"generate.n_examples={deep}")
+    assert proc.returncode == 2 and "nests deeper" in proc.stderr and "Traceback" not in proc.stderr
+    rows = tmp_path / "deep.jsonl"
+    rows.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    proc = run_module("stages.generate", "--config", "configs/smoke.toml", "--set", f"run.artifacts_dir='{tmp_path}'",
+                      "--set", f"generate.data_file='{rows}'")
+    assert proc.returncode == 2 and "deep.jsonl:1: nested deeper" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("override, needle", [("finetune.epochs=inf", "finite"), ("finetune.learning_rate=nan", "finite")])
 def test_non_finite_numbers_are_config_errors(override, needle):
     proc = run_module("stages.finetune", "--config", "configs/smoke.toml", "--set", override)

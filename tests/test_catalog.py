@@ -91,3 +91,23 @@ def test_number_words_cover_1_to_20():
         assert len(NUMBER_WORDS[lang]) == 20
         assert all(number_word(lang, n) for n in range(1, 21))
     assert number_word("en", 21) is None
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda d: d["products"][0].update(mass="false"), "mass must be true or false"),
+    (lambda d: d["products"][0].update(units="bottle"), "units a list of unit names"),
+    (lambda d: d.update(brands="Colgate"), "brands must be a list of brand names"),
+    (lambda d: d["products"][0].update(name="Lip\fBalm"), "holds a control character"),
+    (lambda d: d["products"][0].update(name="Lip\bBalm"), "holds a control character"),
+])
+def test_a_catalog_with_wrong_types_is_refused_by_name(tmp_path, change, needle):
+    """"mass": "false" was read as true, "brands": "Colgate" as seven one-letter brands, and a name holding \\f
+    or \\b gave an answer grammar llama.cpp cannot parse."""
+    import json
+    from stages.lib.catalog import CATALOG_PATH, CatalogError
+    data = json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
+    change(data)
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CatalogError, match=needle):
+        load_catalog(path)

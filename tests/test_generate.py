@@ -140,3 +140,15 @@ def test_a_bad_row_of_your_file_is_one_line_exit_2(tmp_path, third_line, needle)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"generate.data_file: {path}{needle}" in proc.stderr.replace("\n", "")
     assert not (tmp_path / "smoke" / "data").exists()
+
+
+def test_a_file_too_small_for_the_splits_is_one_line_exit_2(tmp_path):
+    """Three rows gave empty val and test splits, which every later stage then failed on."""
+    path = tmp_path / "mine.jsonl"
+    rows = [{"text": f"add {n} milks", "action": "add", "product": "Milk", "quantity": n} for n in (2, 3, 4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["--config", SMOKE, "--set", f"run.artifacts_dir='{tmp_path}'", "--set", f"generate.data_file='{path}'"]
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "smoke" / "data").exists()

@@ -186,3 +186,11 @@ def test_export_of_a_run_without_finished_stages(tmp_path, capsys):
     assert _export(config) == 3
     assert "has no finished stage folder" in capsys.readouterr().err
     assert transfer.main(["export", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_export_to_a_folder_or_an_unwritable_place_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    _, config = run
+    assert _export(config, "--out", str(tmp_path)) == 2   # a folder: IsADirectoryError before
+    assert "ending in .tar.gz" in capsys.readouterr().err
+    assert _export(config, "--out", "/proc/run.tar.gz") == 2   # not writable: FileNotFoundError before
+    assert "cannot write it" in capsys.readouterr().err and not list(tmp_path.glob(".*.partial"))

@@ -56,6 +56,9 @@ class ApiSettings:
         require(self.timeout_s > 0, "timeout_s", "seconds > 0")
 
 
+CACHED_FIELDS = {"key": str, "text": str, "prompt_tokens": int, "completion_tokens": int, "seconds": (int, float)}
+
+
 class ResponseCache:
     """Append-only JSONL: one line per paid answer, written as soon as it arrives."""
 
@@ -66,9 +69,10 @@ class ResponseCache:
             for line in jsonl_lines(path.read_text(encoding="utf-8")):
                 try:
                     record = json.loads(line)
-                    self.records[record["key"]] = record
-                except (ValueError, KeyError):
+                except (ValueError, RecursionError):
                     continue  # a line cut by an interrupt: that request is simply asked again
+                if isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in CACHED_FIELDS.items()):
+                    self.records[record["key"]] = record   # any other line (edited, foreign) is asked again too
 
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
@@ -159,14 +163,23 @@ class OpenAICompatible:
                               cached["seconds"], cached=True)
         began = time.perf_counter()
         response = self._call(payload)
-        choice = response.choices[0]
-        text = (choice.message.content if self.mode == "chat" else choice.text) or ""
-        usage = response.usage
+        text = self.reply_text(response)
+        usage = getattr(response, "usage", None)
         record = {"key": key, "model": self.model, "text": text, "seconds": round(time.perf_counter() - began, 4),
                   "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
                   "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         self.cache.put(record)
         return Completion(text, record["prompt_tokens"], record["completion_tokens"], record["seconds"])
+
+    def reply_text(self, response) -> str:
+        """The completion's text, or ApiUnavailable when a 200 reply holds none (`"choices": []`, an HTML page)."""
+        try:
+            choice = response.choices[0]
+            text = choice.message.content if self.mode == "chat" else choice.text
+        except (AttributeError, IndexError, TypeError):
+            raise ApiUnavailable(f"{self.base_url} answered without a completion for model {self.model} "
+                                 f"(not an OpenAI-compatible reply)") from None
+        return text if isinstance(text, str) else ""
 
     def answer_all(self, prompts: list[str], max_tokens: int, on_done=None,
                    extras: list[dict] | None = None) -> list[Completion]:

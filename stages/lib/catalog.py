@@ -8,6 +8,7 @@ Spanish: singular after 1 (un/una by gender), plural otherwise.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def _build(path: Path, data: dict) -> Catalog:
         name = entry["name"]
         if not isinstance(name, str) or not name.strip() or name in names:
             raise CatalogError(f"{path}: product name {name!r} is empty or given twice")
+        if any(unicodedata.category(c).startswith("C") for c in name):   # \f, \b: no grammar could spell them
+            raise CatalogError(f"{path}: product name {name!r} holds a control character")
+        if not isinstance(entry["mass"], bool) or not _strings(entry.get("units", [])):
+            raise CatalogError(f"{path}: {name}: mass must be true or false and units a list of unit names")
         names.add(name)
         for lang in LANGUAGES:
             if not entry.get(lang):
@@ -100,11 +105,18 @@ def _build(path: Path, data: dict) -> Catalog:
         unknown_units = set(entry.get("units", [])) - set(units)
         if unknown_units:
             raise CatalogError(f"{path}: {name} uses unknown units {sorted(unknown_units)}")
-        products.append(Product(name, bool(entry["mass"]), tuple(entry.get("units", [])),
+        products.append(Product(name, entry["mass"], tuple(entry.get("units", [])),
                                 {lang: entry[lang] for lang in LANGUAGES}))
     if len(products) < 2:
         raise CatalogError(f"{path}: needs at least 2 products")
+    if not _strings(data["brands"]):
+        raise CatalogError(f"{path}: brands must be a list of brand names (strings), not {data['brands']!r}")
     return Catalog(tuple(products), units, tuple(data["brands"]))
+
+
+def _strings(value) -> bool:
+    """A JSON list of non-empty strings (a bare string would be read as its letters)."""
+    return isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
 
 
 def run_catalog(run_dir: Path) -> Catalog:

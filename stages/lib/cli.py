@@ -21,7 +21,9 @@ from rich.text import Text
 from .artifacts import MissingArtifact, StageBusy
 from .config import ConfigError, as_dict, load_stage_config
 
-console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
+# markup off: paths, names and config values are user text, printed as written ("[/x]" is no tag);
+# styles come from Text.assemble
+console = Console(stderr=True, soft_wrap=True, markup=False)  # one message, one line, whatever the width
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -82,7 +84,7 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
         console.print(Text.assemble(("busy ", "red"), str(err)))
         return EXIT_BUSY
     except KeyboardInterrupt:
-        console.print(f"[yellow]{section} interrupted[/yellow]; rerun to start again (nothing was published)")
+        console.print(Text.assemble((f"{section} interrupted", "yellow"), "; rerun to start again (nothing was published)"))
         return EXIT_INTERRUPTED
 
 

@@ -123,6 +123,8 @@ def parse_override(text: str) -> tuple[str, list[str], object]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {dotted}=...: the value nests deeper than any setting does") from None
     return section, keys, value
 
 
@@ -135,6 +137,10 @@ def read_tables(path: str | Path, overrides: list[str] = ()) -> dict:
         tables = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte {err.start}): save the config as UTF-8") from None
+    except RecursionError:
+        raise ConfigError("a value nests deeper than any setting does: not a config of this project") from None
     def check(section: str, table) -> None:
         if section not in KNOWN_SECTIONS:
             raise ConfigError(f"[{section}]: unknown table (known: {', '.join(KNOWN_SECTIONS)})")

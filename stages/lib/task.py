@@ -199,6 +199,8 @@ def numbered_examples(path: Path, catalog_names: set[str]) -> list[tuple[int, di
             row = json.loads(line)
         except ValueError as err:
             raise BadExamples(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise BadExamples(f"{path}:{number}: nested deeper than a labelled example is") from None
         problem = example_problem(row, catalog_names)
         if problem:
             raise BadExamples(f"{path}:{number}: {problem}")
