@@ -11,7 +11,6 @@ exactly the code and pins of the checkout that made it.
     python3 images/tags.py refs [IMAGE ...]  # <registry>/cart-intent-<image>:<tag>, one per image
     python3 images/tags.py build [IMAGE ...] # docker build, once per image, skipping tags already here
     python3 images/tags.py push [IMAGE ...]  # docker push to REGISTRY (tagged there from the local build)
-    python3 images/tags.py bases             # the base images the build arguments name
 
 Build arguments come from the environment (Make passes its variables): PYTHON_IMAGE, CUDA_BASE_IMAGE,
 CUDA_DEVEL_IMAGE, UV_IMAGE, PYTHON_SOURCE, TORCH_INDEX_URL, PIP_INDEX_URL, LLAMA_SERVER_CMAKE_ARGS; a
@@ -38,7 +37,6 @@ DEFAULT_REGISTRY = "localhost"  # a name no `docker push` can reach by accident:
 # build arguments a user may set (Make variables of the same names); each image gets those its Dockerfile declares
 BUILD_ARGS = ("PYTHON_IMAGE", "CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE", "PYTHON_SOURCE", "TORCH_INDEX_URL",
               "PIP_INDEX_URL", "LLAMA_SERVER_CMAKE_ARGS")
-BASE_IMAGE_ARGS = ("PYTHON_IMAGE", "CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE")
 DEBIAN_BASE = IMAGES / "debian-base.sh"
 
 
@@ -79,8 +77,9 @@ def stage_uses(stage: dict, names: list[str] = ()) -> set[str]:
     argument and a name (`FROM python-${PYTHON_SOURCE}`) uses every stage of names it could expand to; one that is
     a build argument alone (`FROM ${PYTHON_IMAGE}`) names an external image."""
     used = {stage["base"]}
-    if "${" in stage["base"] and re.sub(r"\$\{[A-Za-z_]+\}", "", stage["base"]):
-        pattern = ".+".join(re.escape(part) for part in re.split(r"\$\{[A-Za-z_]+\}", stage["base"]))
+    parts = re.split(r"\$\{[A-Za-z_]+\}", stage["base"])
+    if len(parts) > 1 and "".join(parts):
+        pattern = ".+".join(re.escape(part) for part in parts)
         used |= {name for name in names if name and re.fullmatch(pattern, name)}
     for keyword, rest in stage["instructions"]:
         found = re.search(r"--from=(\S+)", rest) if keyword == "COPY" else None
@@ -235,8 +234,9 @@ def tag(name: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def ref(name: str) -> str:
-    return f"{os.environ.get('REGISTRY') or DEFAULT_REGISTRY}/cart-intent-{name}:{tag(name)}"
+def ref(name: str, registry: str = "") -> str:
+    """<registry>/cart-intent-<name>:<tag>, the registry REGISTRY's unless given."""
+    return f"{registry or os.environ.get('REGISTRY') or DEFAULT_REGISTRY}/cart-intent-{name}:{tag(name)}"
 
 
 def inspect(image_ref: str) -> dict | None:
@@ -251,11 +251,12 @@ def env(digests: bool) -> list[str]:
     pulled) of the images present here."""
     lines = [f"PROJECT_VERSION={project_version()}"]
     for name in image_names():
-        lines.append(f"TAG_{name.upper()}={tag(name)}")
-        found = inspect(ref(name)) if digests else None
+        image_ref = ref(name)
+        lines.append(f"TAG_{name.upper()}={image_ref.rsplit(':', 1)[1]}")
+        found = inspect(image_ref) if digests else None
         if found:
             lines.append(f"ID_{name.upper()}={found['Id']}")
-            prefix = ref(name).rsplit(":", 1)[0] + "@"
+            prefix = image_ref.rsplit(":", 1)[0] + "@"
             repo_digest = next((d for d in found.get("RepoDigests") or [] if d.startswith(prefix)), "")
             lines.append(f"DIGEST_{name.upper()}={repo_digest}")
     return lines
@@ -298,7 +299,7 @@ def push(names: list[str]) -> int:
     if registry == DEFAULT_REGISTRY:
         raise SystemExit("make push needs REGISTRY=<registry>/<namespace>, e.g. registry.example/you")
     for name in names or image_names():
-        remote, local = ref(name), f"{DEFAULT_REGISTRY}/cart-intent-{name}:{tag(name)}"
+        remote, local = ref(name), ref(name, DEFAULT_REGISTRY)
         if not inspect(remote):
             if not inspect(local):
                 raise SystemExit(f"{remote}: not built here (nor {local}): run make images first")
@@ -310,8 +311,7 @@ def push(names: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = ("usage: images/tags.py env [--digests] | tag IMAGE | refs [IMAGE ...] | build [--force] [IMAGE ...] | "
-             "push [IMAGE ...] | bases")
+    usage = "usage: images/tags.py env [--digests] | tag IMAGE | refs [IMAGE ...] | build [--force] [IMAGE ...] | push [IMAGE ...]"
     if argv[:1] == ["env"] and argv[1:] in ([], ["--digests"]):
         print("\n".join(env(digests=argv[1:] == ["--digests"])))
     elif argv[:1] == ["tag"] and len(argv) == 2:
@@ -325,23 +325,10 @@ def main(argv: list[str]) -> int:
         return build(names, force="--force" in argv)
     elif argv[:1] == ["push"]:
         return push(argv[1:])
-    elif argv == ["bases"]:
-        args = chosen_args()
-        print("\n".join(sorted({args.get(k) or default_arg(k) for k in BASE_IMAGE_ARGS})))
     else:
         print(usage, file=sys.stderr)
         return 2
     return 0
-
-
-def default_arg(key: str) -> str:
-    """An ARG's default as the Dockerfiles declare it (the first that does)."""
-    for path in sorted(IMAGES.glob("*.Dockerfile")):
-        for keyword, rest in instructions(path):
-            name, _, value = rest.partition("=")
-            if keyword == "ARG" and name.strip() == key and value:
-                return value.strip().strip('"')
-    return ""
 
 
 if __name__ == "__main__":

@@ -57,11 +57,10 @@ def run(run_cfg, cfg: CleanConfig, args) -> int:
 def not_of_a_run(target: Path) -> list[str]:
     """The entries of target that no stage wrote (every entry when no stage manifest is there at all)."""
     entries = sorted(target.iterdir())
+    stages = {p for p in entries if p.is_dir() and read_manifest(p) is not None}
     strangers = [p.name for p in entries if not (
-        STAGE_SIDE_ENTRY.fullmatch(p.name) or (p.is_dir() and read_manifest(p) is not None)
-        or (p.name == "profiles" and p.is_dir()))]
-    has_manifest = any(read_manifest(p) is not None for p in entries if p.is_dir()) \
-        or any(target.glob("profiles/*/*/manifest.json"))
+        p in stages or STAGE_SIDE_ENTRY.fullmatch(p.name) or (p.name == "profiles" and p.is_dir()))]
+    has_manifest = bool(stages) or any(target.glob("profiles/*/*/manifest.json"))
     return strangers if has_manifest else [p.name for p in entries] or [target.name]
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 from rich.text import Text
 
@@ -113,8 +114,8 @@ class AnswerSchemaAsGrammar:
             return body, None
         if self.own_grammar_only and (problem := self.refusal(request)):
             return body, problem
-        if path != "/v1/chat/completions" or self.requested_schema(request) is None \
-                or self.core(self.requested_schema(request)) != self.schema:
+        schema = self.requested_schema(request)
+        if path != "/v1/chat/completions" or schema is None or self.core(schema) != self.schema:
             return body, None
         request.pop("response_format")
         return json.dumps({**request, "grammar": self.grammar}).encode(), None
@@ -128,7 +129,6 @@ class AnswerSchemaAsGrammar:
             body, more = body + message.get("body", b""), message.get("more_body", False)
         (body, problem), replayed = self.rewrite(scope["path"], body), False
         if problem:
-            from fastapi.responses import JSONResponse
             return await JSONResponse({"detail": problem}, status_code=400)(scope, receive, send)
 
         async def replay():
@@ -156,7 +156,6 @@ class AccessPolicy:
         if self.api_key and scope["path"] != "/health":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key):
-                from fastapi.responses import JSONResponse
                 refusal = JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <key>"},
                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await refusal(scope, receive, send)
@@ -187,7 +186,6 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     import contextlib
 
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
     from stages.lib.llama_internals import server_llama
@@ -245,7 +243,7 @@ def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, 
     import httpx2
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
     from starlette.background import BackgroundTask
 
     upstream = httpx2.AsyncClient(base_url=server.url, timeout=None, limits=httpx2.Limits(
