@@ -12,7 +12,10 @@ and gradients as the full sequences, about 40% fewer tokens through the model. L
 only where a label exists (the completion), not over the whole 49k-word vocabulary at every position.
 
 Interrupted (Ctrl-C, SIGTERM) and rerun with the same config, code and inputs, it resumes from the last
-checkpoint; anything else starts fresh and says so. Nothing half-trained is published. Shape twins are skipped.
+checkpoint -- weights, optimizer, scheduler, RNG, the batch order (drawn from the seed and epoch alone), the
+loss being averaged and the history so far -- so the adapter and history are those of an uninterrupted run
+(bit-identical on CPU); anything else starts fresh and says so. Nothing half-trained is published. Shape
+twins are skipped.
 
     python -m stages.finetune --config configs/smollm2.toml   # ~35 minutes on 2 cores
     python -m stages.finetune --config configs/smoke.toml     # under 2 minutes on CPU
@@ -97,9 +100,12 @@ class FinetuneConfig:
         require(set(self.report_to) <= {"tensorboard"}, "report_to", '[] or ["tensorboard"]')
 
 
+RESUME_STATE = "cart_resume.json"  # written into each checkpoint after the Trainer's own files
+
+
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    """The newest complete checkpoint (the Trainer's files and then ours written)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / RESUME_STATE).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
@@ -179,11 +185,76 @@ def completion_loss(model, batch: dict):
     return F.cross_entropy(logits.float(), targets[keep])
 
 
-def make_trainer_class(meter: dict):
-    from transformers import Trainer
+class EpochSeededLengthSampler:
+    """transformers' length-grouped order drawn from (seed, epoch) alone. Its own LengthGroupedSampler draws
+    from the global RNG when an epoch's iterator starts, which a resume in the middle of an epoch after the
+    first has not restored yet: the resumed run would see other batches than the uninterrupted one."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through accelerate) before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def make_trainer_class(meter: dict, record: dict):
+    from transformers import Trainer, TrainerCallback
+
+    class RestoreAtTrainBegin(TrainerCallback):
+        """The Trainer's loop resets its loss accumulators after loading a checkpoint; this runs after that."""
+
+        def __init__(self, trainer, checkpoint: Path):
+            self.trainer, self.checkpoint = trainer, checkpoint
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.trainer.restore_resume_state(self.checkpoint)
 
     class CompletionTrainer(Trainer):
-        """Trainer whose loss is completion_loss; it counts the training tokens of each step (no padding)."""
+        """Trainer whose loss is completion_loss; it counts the training tokens of each step (no padding),
+        draws length-grouped batches from the seed and epoch, and saves into each checkpoint what a resume
+        needs beyond the Trainer's own state: the history so far and the loss being averaged."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)  # accelerate's sampler is seeded by epoch
+            rows = train_dataset if train_dataset is not None else self.train_dataset
+            return EpochSeededLengthSampler([len(row["input_ids"]) for row in rows],
+                                            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            artifacts.write_json(folder / RESUME_STATE, {
+                "evaluations": record["evaluations"], "step_log": record["step_log"],
+                "train_elapsed_s": record["train_elapsed_s"],
+                "total_loss": self._total_loss_scalar, "pending_loss": self._tr_loss.item(),
+                "last_logged_step": self._globalstep_last_logged})
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            if resume_from_checkpoint:  # first, so the other callbacks see the restored history
+                self.callback_handler.callbacks.insert(0, RestoreAtTrainBegin(self, Path(resume_from_checkpoint)))
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        def restore_resume_state(self, checkpoint: Path) -> None:
+            """After the Trainer's own restore (its loop resets these when it starts): as at the checkpoint."""
+            import torch
+            saved = artifacts.read_json(checkpoint / RESUME_STATE)
+            record.update(evaluations=saved["evaluations"], step_log=saved["step_log"],
+                          train_elapsed_s=saved["train_elapsed_s"])
+            self._total_loss_scalar = saved["total_loss"]
+            self._tr_loss = torch.tensor(saved["pending_loss"], device=self.args.device)
+            self._globalstep_last_logged = saved["last_logged_step"]
+            self._initial_global_step = 0  # the mean training loss is over every step, not this process's
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = completion_loss(model, inputs)
@@ -249,20 +320,23 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
     `meter` holds the tokens and seconds of the timed steps (all but this process's first)."""
     from transformers import TrainerCallback
     from stages.lib.generation import exact_match_rate
-    record.update(evaluations=[], step_log=[])
+    record.update(evaluations=[], step_log=[], train_elapsed_s=0.0)
 
     class Recorder(TrainerCallback):
         started = last_line = began = 0.0
         first_step = 1
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = self.last_line = time.time()
-            self.first_step = state.global_step + 1  # after a resume, the first step of this process
+            # after a resume: the training time before the interrupt counts, timing starts at this process
+            self.started = time.time() - record["train_elapsed_s"]
+            self.last_line = time.time()
+            self.first_step = state.global_step + 1
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            record["train_elapsed_s"] = round(time.time() - self.started, 1)
             if state.global_step > self.first_step:  # the first step includes one-off allocation and set-up
                 meter["seconds"] += time.perf_counter() - self.began
                 meter["tokens"] += meter["pending"]
@@ -339,11 +413,11 @@ def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list
     probe = val if cfg.eval_exact_match == 0 else val[: cfg.eval_exact_match]
     checkpoints = out / "checkpoints"
     meter = {"pending": 0, "tokens": 0, "seconds": 0.0}
-    trainer = make_trainer_class(meter)(
+    callbacks = make_callbacks(tokenizer, probe, cfg, result, meter) + tensorboard_callbacks(cfg, out)
+    trainer = make_trainer_class(meter, result)(
         model=model, args=training_arguments(cfg, checkpoints, seed, cuda, bf16), train_dataset=train_rows,
         eval_dataset=eval_rows, data_collator=Collate(tokenizer.pad_token_id, prefix_len),
-        processing_class=tokenizer,
-        callbacks=make_callbacks(tokenizer, probe, cfg, result, meter) + tensorboard_callbacks(cfg, out))
+        processing_class=tokenizer, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     if resume:
         cli.console.print(f"  resuming from {resume.name}")

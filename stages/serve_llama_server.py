@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import queue
-import tempfile
 import threading
 import urllib.request
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ class ServerFailed(Exception):
 
 class LlamaServer(Child):
     """`with LlamaServer(gguf, cfg, alias) as server:` -- server.url answers once the model is loaded (/health);
-    the process is stopped on the way out, its log (a temporary file) removed."""
+    the process is stopped on the way out; its log is a file with no name, shown only when it fails."""
 
     def __init__(self, gguf: Path, cfg, alias: str):
         self.cfg, self.port = cfg, free_port()
@@ -36,9 +35,7 @@ class LlamaServer(Child):
                    "--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(cfg.slots),
                    "--ctx-size", str(cfg.slots * cfg.n_ctx), "--no-kv-unified", "--threads", str(threads),
                    "--threads-batch", str(threads), "--metrics", "--no-webui", "--jinja", "--log-verbosity", "2"]
-        handle, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-        os.close(handle)
-        super().__init__(command, Path(log), "llama-server", self.healthy, cfg.startup_timeout_s,
+        super().__init__(command, None, "llama-server", self.healthy, cfg.startup_timeout_s,
                          "serve.startup_timeout_s")
 
     def healthy(self) -> bool:
@@ -50,10 +47,6 @@ class LlamaServer(Child):
         and the front must check texts against that, not the asked-for size (a longer one failed as a 502)."""
         with urllib.request.urlopen(f"{self.url}/slots", timeout=10) as reply:
             return min(int(slot["n_ctx"]) for slot in json.loads(reply.read()))
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__()
-        self.log.unlink(missing_ok=True)
 
 
 class Cancelled(Exception):

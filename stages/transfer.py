@@ -141,9 +141,13 @@ def _safe_relative(name: str) -> bool:
     return bool(name) and not path.is_absolute() and "\\" not in name and ".." not in path.parts
 
 
-def _unpack(archive: Path, staging: Path) -> None:
+MAX_MANIFEST_BYTES = 64 << 20  # the index and each manifest: read before anything else is written
+
+
+def _unpack(archive: Path, staging: Path) -> dict:
     """Extract regular files and folders only: any other member, or a path leaving the staging folder,
-    refuses the whole archive."""
+    refuses the whole archive. The index and the manifests come out first; a member they do not list, or
+    of another size than listed, refuses it before any other byte is written. Returns the index."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()  # reads to the end of the archive: a truncated one fails here
@@ -152,11 +156,45 @@ def _unpack(archive: Path, staging: Path) -> None:
                     raise TransferError(f"{archive}: unsafe path {member.name!r} in the archive; refused")
                 if not (member.isfile() or member.isdir()):
                     raise TransferError(f"{archive}: {member.name} is a link or device, not a file; refused")
-            # the checks above are what keeps the archive inside staging; tarfile's own "data" filter (Python
-            # 3.11.4 and newer, not Debian 12's 3.11.2) is a second guard where there is one
-            tar.extractall(staging, members=members, **EXTRACT_FILTER)
+            by_name = {m.name: m for m in members if m.isfile()}
+            _extract(tar, staging, [by_name[INDEX]] if INDEX in by_name else [], archive, MAX_MANIFEST_BYTES)
+            index = _read_index(archive, staging)
+            manifests = [by_name[name] for name in (f"{index['run']}/{f}/{MANIFEST}" for f in index["folders"])
+                         if name in by_name]
+            _extract(tar, staging, manifests, archive, MAX_MANIFEST_BYTES)
+            rest = [m for m in members if m.isfile() and m.name != INDEX and m not in manifests]
+            _check_listed(archive, staging, index, rest)
+            _extract(tar, staging, rest, archive)
+            return index
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise TransferError(f"{archive} is not a complete tar.gz archive ({err}); copy it again") from None
+
+
+def _extract(tar: tarfile.TarFile, staging: Path, members: list, archive: Path, cap: int | None = None) -> None:
+    """The member checks in _unpack are what keeps the archive inside staging; tarfile's own "data" filter
+    (Python 3.11.4 and newer, not Debian 12's 3.11.2) is a second guard where there is one."""
+    big = next((m for m in members if cap is not None and m.size > cap), None)
+    if big is not None:
+        raise TransferError(f"{archive}: {big.name} is {big.size} bytes, too big for an index or manifest; refused")
+    tar.extractall(staging, members=members, **EXTRACT_FILTER)
+
+
+def _check_listed(archive: Path, staging: Path, index: dict, members: list) -> None:
+    """Every other member is an output some manifest lists, with the size it lists."""
+    listed = {}
+    for folder in index["folders"]:
+        if not (staging / index["run"] / folder / MANIFEST).is_file():
+            raise TransferError(f"{archive}: {folder}/{MANIFEST} is missing; the archive is incomplete, copy it again")
+        outputs = (read_manifest(staging / index["run"] / folder) or {}).get("outputs")
+        if isinstance(outputs, dict):
+            listed.update({f"{index['run']}/{folder}/{name}": entry for name, entry in outputs.items()})
+    for member in members:
+        entry = listed.get(member.name)
+        if not isinstance(entry, dict):
+            raise TransferError(f"{archive}: {member.name} is not listed in any manifest; refused")
+        if member.size != entry.get("bytes"):
+            raise TransferError(f"{archive}: {member.name} is {member.size} bytes, its manifest lists "
+                                f"{entry.get('bytes')}; the archive is corrupted, copy it again")
 
 
 def _read_index(archive: Path, staging: Path) -> dict:
@@ -211,8 +249,7 @@ def import_run(archive: Path, artifacts_dir: Path) -> list[tuple[str, str]]:
     # beside the runs, so the final renames stay on one file system (each one atomic)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=artifacts_dir))
     try:
-        _unpack(archive, staging)
-        index = _read_index(archive, staging)
+        index = _unpack(archive, staging)
         _verify(archive, staging, index)
         placed = []
         for folder in index["folders"]:

@@ -226,6 +226,16 @@ def test_a_stopped_server_exits_130_and_leaves_no_log(quantized, engine, tmp_pat
     assert not list(tmp_path.glob("llama-server-*"))
 
 
+def test_a_killed_server_leaves_no_log_behind(quantized, tmp_path, monkeypatch):
+    """SIGKILL gives serve no way out: its llama-server child dies with it, and its log has no name to leave."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with running_server(quantized, 'serve.engine="llama-server"') as (_, proc):
+        proc.kill()
+        assert proc.wait(timeout=60) == -9
+    time.sleep(1)   # the kernel's SIGTERM to the orphaned child (PR_SET_PDEATHSIG)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_missing_api_key_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("CART_TEST_KEY", raising=False)
     proc = subprocess.run(command("serve", tmp_path, 'serve.api_key_env="CART_TEST_KEY"'), cwd=ROOT,

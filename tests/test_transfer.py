@@ -137,6 +137,28 @@ def test_import_refuses_files_no_manifest_lists(run, tmp_path, capsys):
     assert "demo/data/unlisted.txt is not listed in any manifest" in capsys.readouterr().err
 
 
+def test_import_checks_sizes_before_writing_a_member(run, tmp_path, capsys, monkeypatch):
+    """A listed file grown to other than its manifest's size is refused before any of it is extracted."""
+    _, config = run
+    archive = tmp_path / "demo.tar.gz"
+    assert _export(config, "--out", str(archive)) == 0
+    bad = tmp_path / "grown.tar.gz"
+    with tarfile.open(archive, "r:gz") as src, tarfile.open(bad, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "demo/data/stats.json":
+                data += b" " * 4096
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    written = []
+    extract = tarfile.TarFile.extractall
+    monkeypatch.setattr(tarfile.TarFile, "extractall", lambda self, path, members, **kw: (
+        written.extend(m.name for m in members), extract(self, path, members=members, **kw))[1])
+    assert transfer.main(["import", str(bad), "--artifacts-dir", str(tmp_path / "t")]) == 3
+    assert "demo/data/stats.json is " in capsys.readouterr().err
+    assert "demo/data/stats.json" not in written and all(n.endswith(".json") for n in written)
+
+
 def test_import_refuses_a_truncated_archive(run, tmp_path, capsys):
     _, config = run
     archive = tmp_path / "demo.tar.gz"

@@ -7,6 +7,7 @@ import http.client
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,16 +36,17 @@ def _die_with_parent() -> None:
 class Child:
     """`with Child(command, log, name, ready, timeout_s, setting) as child:` -- inside the block `ready()` has
     returned True; a child that exits or does not get ready within timeout_s (the config key `setting`)
-    raises ChildFailed with the log's last lines."""
+    raises ChildFailed with the log's last lines. `log` None: a file with no name, which nothing can leave
+    behind (not even a SIGKILL of this process)."""
 
-    def __init__(self, command: list[str], log: Path, name: str, ready: Callable[[], bool], timeout_s: int,
+    def __init__(self, command: list[str], log: Path | None, name: str, ready: Callable[[], bool], timeout_s: int,
                  setting: str):
         self.command, self.log, self.name, self.ready = command, log, name, ready
         self.timeout_s, self.setting = timeout_s, setting
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self):
-        self.log_file = open(self.log, "w")
+        self.log_file = open(self.log, "w+", errors="replace") if self.log else tempfile.TemporaryFile("w+", errors="replace")
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self.log_file,
                                      stderr=self.log_file, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.timeout_s
@@ -66,7 +68,8 @@ class Child:
 
     def tail(self, lines: int = 5) -> str:
         self.log_file.flush()
-        return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:]) or "no output"
+        self.log_file.seek(0)
+        return " | ".join(self.log_file.read().strip().splitlines()[-lines:]) or "no output"
 
     def exited(self) -> int | None:
         return self.proc.poll() if self.proc else None
