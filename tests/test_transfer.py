@@ -142,14 +142,8 @@ def test_import_checks_sizes_before_writing_a_member(run, tmp_path, capsys, monk
     _, config = run
     archive = tmp_path / "demo.tar.gz"
     assert _export(config, "--out", str(archive)) == 0
-    bad = tmp_path / "grown.tar.gz"
-    with tarfile.open(archive, "r:gz") as src, tarfile.open(bad, "w:gz") as dst:
-        for member in src.getmembers():
-            data = src.extractfile(member).read()
-            if member.name == "demo/data/stats.json":
-                data += b" " * 4096
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data))
+    bad = _repack(archive, tmp_path / "grown.tar.gz",
+                  lambda name, data: data + b" " * 4096 if name == "demo/data/stats.json" else data)
     written = []
     extract = tarfile.TarFile.extractall
     monkeypatch.setattr(tarfile.TarFile, "extractall", lambda self, path, members, **kw: (
