@@ -54,6 +54,7 @@ def predict(run, cfg: ServeConfig, args) -> int:
 
 
 def main(argv=None) -> int:
+    cli.share_cpu_fairly()
     return cli.run_stage(__doc__, "serve", ServeConfig, predict, argv,
                          add_args=lambda p: p.add_argument("--text", default=None,
                                                            help='one message; "-" or absent: one per stdin line'))

@@ -343,6 +343,7 @@ def run_until_stopped(app, cfg: ServeConfig) -> int:
 
 
 def main(argv=None) -> int:
+    cli.share_cpu_fairly()
     return cli.run_stage(__doc__, "serve", ServeConfig, serve, argv)
 
 

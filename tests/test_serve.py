@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -224,6 +225,21 @@ def test_a_stopped_server_exits_130_and_leaves_no_log(quantized, engine, tmp_pat
         proc.terminate()
         assert proc.wait(timeout=60) == 130, proc.stderr.read()[-2000:]
     assert not list(tmp_path.glob("llama-server-*"))
+
+
+def test_served_threads_sleep_while_they_wait_unless_told(quantized, monkeypatch):
+    """serve's llama-server child runs with OMP_WAIT_POLICY=PASSIVE (fair beside other load); a value the user
+    set is kept."""
+    for given, expected in ((None, b"OMP_WAIT_POLICY=PASSIVE"), ("ACTIVE", b"OMP_WAIT_POLICY=ACTIVE")):
+        if given:
+            monkeypatch.setenv("OMP_WAIT_POLICY", given)
+        else:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        with running_server(quantized, 'serve.engine="llama-server"') as (_, proc):
+            children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+                        and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+            environments = [(p / "environ").read_bytes().split(b"\0") for p in children]
+            assert [env for env in environments if expected in env], environments
 
 
 def test_a_killed_server_leaves_no_log_behind(quantized, tmp_path, monkeypatch):
