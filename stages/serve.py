@@ -60,17 +60,29 @@ class IntentRequest(BaseModel):
     text: StrictStr
 
 
+class NotStrictJson(Exception):
+    """NaN, Infinity or -Infinity in a request body."""
+
+
+def refuse_constant(name: str):
+    raise NotStrictJson(name)
+
+
 class AnswerSchemaAsGrammar:
     """ASGI middleware: a chat completion whose `response_format` carries the answer's JSON Schema (OpenAI's
     `json_object` + schema or `json_schema` form) is decoded with the answer's GBNF grammar instead, the exact
     form the model was trained to write. llama.cpp's grammar for a generic schema starts at "{" without the
     model's leading space and allows any spacing and integer, which pushes the model off its trained path.
 
+    Every body it sees must be strict JSON (no NaN or Infinity, which Python's parser takes and no JSON encoder
+    can echo back in an error) nesting no deeper than the parser goes, and a response_format must have
+    OpenAI's shape: otherwise 400, on either engine.
+
     With own_grammar_only (the in-process engine), any other grammar or JSON Schema in a completion request is
     refused with 400: llama.cpp parses grammars in the serving process, and a hostile one (left recursion) kills
     it, where llama-server rejects the same grammar in its own process."""
 
-    ROUTES = ("/v1/chat/completions", "/v1/completions")
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/intent")   # /v1/intent: strict JSON only
 
     def __init__(self, app, schema: dict, grammar: str, own_grammar_only: bool = False):
         self.app, self.schema, self.grammar = app, self.core(schema), grammar
@@ -91,6 +103,21 @@ class AnswerSchemaAsGrammar:
         nested = wanted.get("json_schema") if wanted.get("type") == "json_schema" else None
         return nested.get("schema") if isinstance(nested, dict) else nested
 
+    @staticmethod
+    def format_problem(request: dict) -> str | None:
+        """What is wrong with a response_format that is not OpenAI's {"type": ...} shape, or None."""
+        wanted = request.get("response_format")
+        if wanted is None:
+            return None
+        if not isinstance(wanted, dict) or wanted.get("type") not in ("text", "json_object", "json_schema"):
+            return 'response_format must be an object {"type": "text" | "json_object" | "json_schema", ...}'
+        nested = wanted.get("json_schema")
+        if wanted["type"] == "json_schema" and not (isinstance(nested, dict) and isinstance(nested.get("schema"), dict)):
+            return 'response_format.json_schema must be an object {"name": ..., "schema": {a JSON Schema object}}'
+        if not isinstance(wanted.get("schema", {}), dict):
+            return "response_format.schema must be a JSON Schema object"
+        return None
+
     def refusal(self, request: dict) -> str | None:
         """Why the in-process engine will not decode this request, or None."""
         if "grammar" in request and request["grammar"] != self.grammar:
@@ -102,23 +129,39 @@ class AnswerSchemaAsGrammar:
                     "(schema.json) as response_format; serve with serve.engine='llama-server' for others")
         return None
 
+    @staticmethod
+    def invalid(path: str, request: dict) -> str | None:
+        """llama-cpp-python's app answers a body its request model rejects with a 500: checked here, a 400."""
+        from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+        from pydantic import ValidationError
+        model = CreateChatCompletionRequest if path == "/v1/chat/completions" else CreateCompletionRequest
+        try:
+            model.model_validate(request)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            return f"{where}: {first['msg']} ({err.error_count()} problem(s) in the request)"
+        return None
+
     def rewrite(self, path: str, body: bytes) -> tuple[bytes, str | None]:
         """The body to pass on, or the reason it is refused."""
         try:
-            request = json.loads(body)
+            request = json.loads(body, parse_constant=refuse_constant)
         except RecursionError:
             return body, "the request body nests deeper than Python's parser goes: send a flat JSON object"
+        except NotStrictJson as err:
+            return body, f"the request body is not valid JSON: {err} is not a JSON value"
         except ValueError:
             return body, None   # the server answers it with its own 4xx
-        if not isinstance(request, dict):
+        if not isinstance(request, dict) or path == "/v1/intent":
             return body, None
-        if self.own_grammar_only and (problem := self.refusal(request)):
+        if problem := self.format_problem(request) or (self.own_grammar_only and self.refusal(request)):
             return body, problem
         schema = self.requested_schema(request)
-        if path != "/v1/chat/completions" or schema is None or self.core(schema) != self.schema:
-            return body, None
-        request.pop("response_format")
-        return json.dumps({**request, "grammar": self.grammar}).encode(), None
+        if path == "/v1/chat/completions" and schema is not None and self.core(schema) == self.schema:
+            request = {k: v for k, v in request.items() if k != "response_format"} | {"grammar": self.grammar}
+            body = json.dumps(request).encode()
+        return body, self.invalid(path, request) if self.own_grammar_only else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:

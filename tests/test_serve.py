@@ -104,6 +104,7 @@ def test_intent_answers_schema_checked_json(server):
     (b"add 3 soaps", "json"),                      # not JSON
     (b'{"text": "add 3', "json"),                  # broken JSON
     (b"[1, 2]", ""),                               # JSON, not an object
+    (b'{"text": NaN}', "nan"),                     # Python's parser takes it; no JSON encoder gives it back
 ])
 def test_bad_requests_get_a_4xx_with_a_message(server, body, needle):
     status, answer = post(server, body)
@@ -173,6 +174,28 @@ def test_a_hostile_grammar_is_a_4xx_and_the_server_lives(server, quantized):
     assert urllib.request.urlopen(req, timeout=120).status == 200   # the answer's own schema still decodes
     status, answer = post(server, {"text": "add 3 soaps"})
     assert status == 200, answer
+
+
+@pytest.mark.parametrize("body", [
+    {"response_format": {"type": "json_schema", "json_schema": "x"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "x"}}},
+    {"response_format": {"type": "yaml"}},
+    {"response_format": "json"},
+    {"response_format": {"type": "json_object", "schema": ["x"]}},
+    {"temperature": float("nan")},
+    {"messages": [{"role": "user", "content": [[]]}], "tools": [[[[]]]]},
+    {"deep": True},
+])
+def test_malformed_chat_requests_are_a_4xx(server, body):
+    if body.get("deep"):
+        data = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    else:
+        data = json.dumps({"messages": [{"role": "user", "content": "add 3 soaps"}], "max_tokens": 4, **body}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server}/v1/chat/completions", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert 400 <= refused.value.code < 500, (refused.value.code, refused.value.read()[:300])
 
 
 def test_text_over_the_slot_context_is_a_4xx_on_llama_server(quantized):
