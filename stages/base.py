@@ -60,6 +60,9 @@ class BaseConfig:
     def validate(self) -> None:
         require(bool(self.models), "models", 'at least one model ("tiny", "shape:llama-3.2-1b" or an HF id)')
         require(len({model_slug(m) for m in self.models}) == len(self.models), "models", "distinct models")
+        # each model gets the folder its last name part gives: '<repo>/..' would be the run's base folder itself
+        require(all(model_slug(m).strip(".") for m in self.models), "models",
+                "model ids or folders whose last part is a name, not '.' or '..'")
         for key in ("hidden_size", "intermediate_size"):
             require(getattr(self, key) % 256 == 0, key, "a multiple of 256 (k-quant blocks)")
         require(self.hidden_size % self.num_heads == 0, "num_heads", "a divisor of hidden_size")

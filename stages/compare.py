@@ -10,6 +10,7 @@ config. Writes artifacts/compare/<run>-vs-<run>/ (report.md, report.html, figure
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,13 +107,20 @@ def figure(data: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def folder_name(runs: list[str]) -> str:
+    """compare/<run>-vs-<run>...; a name past 120 characters is cut and given a hash of the whole (a file name
+    has at most 255 bytes, and `.<name>.lock` sits beside it)."""
+    joined = "-vs-".join(runs)
+    return joined if len(joined) <= 120 else f"{joined[:100]}-{hashlib.sha256(joined.encode()).hexdigest()[:12]}"
+
+
 def run(run_cfg, cfg: CompareConfig, args) -> int:
     root = Path(run_cfg.artifacts_dir)
     runs = list(dict.fromkeys(args.runs))
     if len(runs) < 2 or not all(map(is_run_name, runs)):
         raise ConfigError(f"--runs {' '.join(args.runs)}: expected two or more run names (folders under {root})")
     manifests = {name: artifacts.require_stage(root / name, "eval", "evaluate") for name in runs}
-    stage = artifacts.StageRun("compare", "-vs-".join(runs), root / "compare", {"runs": runs},
+    stage = artifacts.StageRun("compare", folder_name(runs), root / "compare", {"runs": runs},
                                artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), ["matplotlib"])
     if cli.already_done(stage, args):
         return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -167,7 +166,9 @@ def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict, n: int,
                 break
             redrawn += 1
         else:
-            raise RuntimeError("could not draw a unique message in 200 tries; lower n_examples or add templates")
+            raise ConfigError(f"generate.n_examples = {n}: only {i} distinct messages could be drawn from this catalog "
+                              f"and the templates (200 tries for the next one); lower n_examples, or add products, "
+                              f"languages or noise")
         seen.add(text_key(row["text"]))
         examples.append({"id": f"ex-{i:05d}", "lang": gold["lang"], "text": row["text"], "action": gold["action"],
                          "product": gold["product"], "quantity": gold["quantity"],
@@ -246,7 +247,8 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
                           f"test_fraction={cfg.test_fraction} and val_fraction={cfg.val_fraction}: give more rows "
                           f"(generate.data_file, generate.n_examples) or larger fractions")
     out = stage.fresh_tmp()
-    shutil.copyfile(catalog_path, out / RUN_CATALOG)   # the catalog travels with the data it labels
+    # the catalog travels with the data it labels (read, then written: an error names the file it concerns)
+    (out / RUN_CATALOG).write_bytes(Path(catalog_path).read_bytes())
     for name, rows in splits.items():
         artifacts.write_jsonl(out / f"{name}.jsonl", rows)
     stats = statistics(splits, redrawn)

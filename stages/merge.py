@@ -12,7 +12,6 @@ files including tokenizer.model, README.md model card).
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +93,7 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
     tokenizer.save_pretrained(out)
     source_tokenizer = weights_dir(record) / "tokenizer.model"
     if source_tokenizer.exists():  # llama.cpp's converter reads the SentencePiece model
-        shutil.copy(source_tokenizer, out / "tokenizer.model")
+        (out / "tokenizer.model").write_bytes(Path(source_tokenizer).read_bytes())  # an error names its file
     del peft_model, merged
 
     reloaded = load(out)

@@ -158,6 +158,24 @@ def test_a_config_not_in_utf8_or_nested_too_deep_is_one_line(tmp_path):
     assert proc.returncode == 2 and "deep.jsonl:1: nested deeper" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_file_that_cannot_be_written_is_one_line_and_nothing_published(tmp_path):
+    """Files capped at 4 KiB (RLIMIT_FSIZE: a write past it fails with EFBIG, as a full disk fails with ENOSPC):
+    generate names the file it could not write, exits 1 and publishes nothing."""
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", "--config", "configs/smoke.toml", "--set",
+                           f"run.artifacts_dir='{tmp_path}'"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot write " in proc.stderr and "nothing was published" in proc.stderr
+    assert str(tmp_path / "smoke" / ".data.tmp") in proc.stderr   # the file, in the temporary folder
+    assert not (tmp_path / "smoke" / "data").exists()
+
+
 @pytest.mark.parametrize("override, needle", [("finetune.epochs=inf", "finite"), ("finetune.learning_rate=nan", "finite")])
 def test_non_finite_numbers_are_config_errors(override, needle):
     proc = run_module("stages.finetune", "--config", "configs/smoke.toml", "--set", override)

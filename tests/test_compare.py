@@ -58,3 +58,18 @@ def test_compare_needs_two_evaluated_runs(tmp_path):
     assert proc.returncode == 3 and "make evaluate" in proc.stderr
     proc = stage("compare", root, "--runs", "first", check=False)
     assert proc.returncode == 2 and "two or more run names" in proc.stderr
+
+
+def test_compare_of_runs_with_long_names(tmp_path):
+    """Two 200-character run names: the compare folder's name is cut and hashed (joined, it passed the 255-byte
+    limit on a file name: ENAMETOOLONG); a longer run name is a usage error."""
+    root = two_runs(tmp_path)
+    long_a, long_b = "a" * 200, "b" * 200
+    (root / "first").rename(root / long_a)
+    (root / "second").rename(root / long_b)
+    stage("compare", root, "--runs", long_a, long_b)
+    [folder] = [p for p in (root / "compare").iterdir() if not p.name.startswith(".")]
+    assert folder.name.startswith(long_a[:100]) and len(folder.name) == 113
+    assert (folder / "report.md").is_file()
+    proc = stage("compare", root, "--runs", long_a, "c" * 201, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -109,8 +109,10 @@ def test_api_settings_are_one_checked_sub_table(tmp_path, section, text, overrid
     ("loadtest", "loadtest.engines=['llama-server', 'llama-server']", "loadtest.engines: expected distinct"),
     ("loadtest", "loadtest.clients=[0, 4]", "loadtest.clients: expected distinct client counts"),
     ("loadtest", "loadtest.requests=0", "loadtest.requests"),
+    ("base", "base.models=['meta-llama/..']", "base.models: expected model ids or folders whose last part is a name"),
+    ("base", "base.models=['./']", "base.models: expected model ids or folders whose last part is a name"),
 ])
-def test_serving_settings_are_checked(tmp_path, section, override, needle):
+def test_settings_are_checked(tmp_path, section, override, needle):
     with pytest.raises(ConfigError) as err:
         load_stage_config(write(tmp_path, ""), section, STAGE_CONFIGS[section], [override])
     assert needle in str(err.value)

@@ -74,3 +74,17 @@ def test_a_bad_catalog_is_one_line_exit_2(tmp_path, break_it, needle):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"generate.catalog: {path}" in proc.stderr.replace("\n", "") and needle in proc.stderr.replace("\n", "")
     assert not (tmp_path / "smoke" / "data").exists()
+
+
+def test_more_examples_than_the_catalog_can_phrase_is_one_line_exit_2(tmp_path):
+    """Two products, English only, quantity 1, no noise, no quantity styles: a few hundred distinct messages.
+    Asking for 3,000 was a RuntimeError traceback."""
+    quiet = [f"generate.noise.{kind}=0" for kind in ("greeting", "signoff", "slang", "brand", "unrelated_number",
+                                                     "code_switch", "typo", "emoji", "casing", "punctuation")]
+    sets = [f"generate.catalog='{HARDWARE}'", "generate.languages=['en']", "generate.quantity_buckets=[[1, 1, 1]]",
+            "generate.quantity_style={word=0.0, x=0.0, dozen=0.0, implicit=0.0, unit=0.0}",
+            "generate.n_examples=3000", *quiet]
+    proc = stage("generate", tmp_path, *(part for item in sets for part in ("--set", item)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "generate.n_examples = 3000: only" in proc.stderr and "distinct messages" in proc.stderr
+    assert not (tmp_path / "smoke" / "data").exists()

@@ -24,6 +24,8 @@ from pathlib import Path
 from . import hardware
 
 MANIFEST = "manifest.json"
+# the temporary folder this process's stage writes into: named when a write fails without naming its file
+WRITING_INTO: list[Path] = []
 RESUME_STAMP = ".fingerprint.json"  # in a temporary folder: what the attempt that wrote it ran with
 REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -210,6 +212,7 @@ class StageRun:
             if not same:
                 shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        WRITING_INTO[:] = [self.tmp_dir]
         stamp.write_text(json.dumps(self.fingerprint, sort_keys=True))
         return self.tmp_dir
 

@@ -7,6 +7,7 @@ process holds this stage's folder, or the port to serve on), 130 interrupted (Ct
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import threading
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .artifacts import MissingArtifact, StageBusy
+from .artifacts import WRITING_INTO, MissingArtifact, StageBusy
 from .config import ConfigError, as_dict, load_stage_config
 
 # markup off: paths, names and config values are user text, printed as written ("[/x]" is no tag);
@@ -26,6 +27,8 @@ from .config import ConfigError, as_dict, load_stage_config
 console = Console(stderr=True, soft_wrap=True, markup=False)  # one message, one line, whatever the width
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UPSTREAM, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# a full disk or a folder that cannot be written: one line naming the file, EXIT_FAILED
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def sigterm_as_interrupt() -> None:
@@ -96,6 +99,13 @@ def run_stage(doc: str, section: str, cfg_cls, body: Callable, argv=None,
     except KeyboardInterrupt:
         console.print(Text.assemble((f"{section} interrupted", "yellow"), "; rerun to start again (nothing was published)"))
         return EXIT_INTERRUPTED
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
+        where = err.filename or (f"a file in {WRITING_INTO[0]}" if WRITING_INTO else "a file")
+        console.print(Text.assemble(("cannot write ", "red"), f"{where} ({err.strerror}); nothing was published: "
+                                    "free space or make the artifacts folder writable, then rerun"))
+        return EXIT_FAILED
 
 
 def show_results(title: str, rows: dict[str, dict], columns: list[str]) -> None:

@@ -35,7 +35,7 @@ class RunConfig:
 
     def validate(self) -> None:
         require(is_run_name(self.name), "name",
-                "letters, digits, '-' or '_' (it becomes a folder name)")
+                "ASCII letters, digits, '-' or '_', at most 200 (it becomes a folder name)")
 
     @property
     def run_dir(self) -> Path:
@@ -43,8 +43,10 @@ class RunConfig:
 
 
 def is_run_name(text: str) -> bool:
-    """A run's folder name: letters, digits, '-' and '_' only (never a path, never empty)."""
-    return text.replace("-", "").replace("_", "").isalnum()
+    """A run's folder name: letters, digits, '-' and '_' only (never a path, never empty), at most 200 of them
+    (a file name has 255 bytes, and `.<name>.tmp` or a run's archive name adds to it)."""
+    return len(text) <= 200 and text.replace("-", "").replace("_", "").isascii() and \
+        text.replace("-", "").replace("_", "").isalnum()
 
 
 def require(condition: bool, key: str, expected: str) -> None:

@@ -215,4 +215,6 @@ def read_split(run_dir: Path, split: str) -> list[dict]:
     try:
         return read_examples(run_dir / "data" / f"{split}.jsonl", set(run_catalog(run_dir).names))
     except BadExamples as err:
-        raise MissingArtifact(f"{err}: regenerate it with `make generate FORCE=1` (same CONFIG)") from None
+        # the generator wrote it as it read it: rerunning it alone would write the same row again
+        raise MissingArtifact(f"{err}: fix the row where `make generate` took it from (generate.data_file, the "
+                              f"catalog), then `make generate FORCE=1` (same CONFIG)") from None
