@@ -1,9 +1,11 @@
 """profile-cpu and profile-gpu on the smoke run; the host fingerprint and bandwidth probe (unit)."""
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import stage
+from conftest import ROOT, stage
 from stages.lib import hardware
 
 
@@ -78,3 +80,18 @@ def test_gpu_request_timing_logic_on_cpu(quantized):
     batch = batched_throughput(backend.model, backend.tokenizer, [prompt, build_prompt("remove 2 apples")], 4,
                                fixed=8, max_tokens=48)
     assert batch["batch"] == 4 and batch["generated_tokens"] >= 4 * 8 - 4 and batch["tok_s"] > 0
+
+
+@pytest.mark.integration
+def test_contention_benchmark_times_every_setting_alone_and_beside_a_competitor(quantized, tmp_path):
+    """scripts/bench_contention.py on the smoke run's Q4_K_M and base: a row per setting with both timings."""
+    out = tmp_path / "contention.json"
+    subprocess.run([sys.executable, "scripts/bench_contention.py", "--run", str(quantized), "--repeats", "2",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    result = json.loads(out.read_text())
+    assert result["hogs"] == 1 and result["competitor"] == "busy"
+    assert {row["work"] for row in result["rows"]} == {"llama.cpp answer", "torch training step"}
+    assert len(result["rows"]) == 10   # five settings, two kinds of work
+    for row in result["rows"]:
+        assert row["alone_s"] > 0 and row["beside_1_busy_s"] > 0
+        assert row["fair_slowdown"] == round(max(1.0, (row["threads"] + 1) / result["cores"]), 2)

@@ -27,7 +27,8 @@ def test_gguf_writes_every_configured_type_with_records(quantized):
     for name, variant in variants.items():
         path = quantized / "gguf" / "tiny" / variant["file"]
         assert path.stat().st_size == variant["bytes"] > 0
-        assert 0 <= variant["parity"]["identical_to_fp16"] <= 1 and variant["parity"]["prompts"] == 20
+        # the smoke model's k-quants give FP16's answer on 75-80% of the parity prompts
+        assert variant["parity"]["identical_to_fp16"] >= 0.5 and variant["parity"]["prompts"] == 20
     bpw = {name: v["bits_per_weight"] for name, v in variants.items()}
     assert bpw["Q3_K_M"] < bpw["Q4_K_M"] < bpw["Q5_K_M"] < bpw["F16"] and 15.5 < bpw["F16"] < 17
     # F16 is the same weights in llama.cpp: its answers match transformers' (FP32 compute) nearly always

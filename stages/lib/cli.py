@@ -42,8 +42,8 @@ def sigterm_as_interrupt() -> None:
 def share_cpu_fairly() -> None:
     """For the programs that answer users (serve, predict): OpenMP threads -- llama.cpp's, llama-server's and
     torch's -- sleep while they wait instead of spinning, unless OMP_WAIT_POLICY is set. Beside other load, a
-    spinning thread burns its core waiting for a descheduled sibling: answers were 3.4-3.9x slower beside one
-    competing process (1.1-1.7x passive, about the CPU it takes), and ~35% slower alone, on 2 cores
+    spinning thread burns its core waiting for a descheduled sibling: answers were 2.7-3.9x slower beside one
+    competing process (1.1-1.7x passive, about the CPU it takes; passive is 30-80% slower alone), on 2 cores
     (scripts/bench_contention.py). Call it before llama.cpp or torch is loaded: OpenMP reads it once."""
     if not os.environ.get("OMP_WAIT_POLICY"):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
