@@ -141,6 +141,10 @@ class AnswerSchemaAsGrammar:
             first = err.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
             return f"{where}: {first['msg']} ({err.error_count()} problem(s) in the request)"
+        bias = request.get("logit_bias") or {}
+        if request.get("logit_bias_type", "input_ids") == "input_ids" and not all(
+                str(key).strip().lstrip("-").isdigit() for key in bias):   # its app calls int() on each: a 500
+            return 'logit_bias: keys must be token ids, e.g. {"1234": -100} (or set logit_bias_type "tokens")'
         return None
 
     def rewrite(self, path: str, body: bytes) -> tuple[bytes, str | None]:

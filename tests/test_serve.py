@@ -198,6 +198,21 @@ def test_malformed_chat_requests_are_a_4xx(server, body):
     assert 400 <= refused.value.code < 500, (refused.value.code, refused.value.read()[:300])
 
 
+def test_logit_bias_keys_per_engine(server, request):
+    """llama-server reads a key that is not a token id as token text; llama-cpp-python's app called int() on it
+    and answered 500: a 400 there now."""
+    in_process = request.node.callspec.params["server"] == "llama-cpp-python"
+    for bias in ({"x": 1}, {"1.5": 1}):
+        body = {"messages": [{"role": "user", "content": "add 3 soaps"}], "max_tokens": 2, "logit_bias": bias}
+        req = urllib.request.Request(f"http://127.0.0.1:{server}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            status = urllib.request.urlopen(req, timeout=60).status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        assert status == (400 if in_process else 200), (bias, status)
+
+
 def test_text_over_the_slot_context_is_a_4xx_on_llama_server(quantized):
     """serve.n_ctx above the model's training context (the smoke base: 256): llama-server caps each slot there,
     and the front must check texts against that cap (a text between the two was a 502 after decoding began)."""
