@@ -28,7 +28,7 @@ class LlamaServer(Child):
     the process is stopped on the way out; its log is a file with no name, shown only when it fails."""
 
     def __init__(self, gguf: Path, cfg, alias: str):
-        self.cfg, self.port = cfg, free_port()
+        self.cfg, self.port = cfg, free_port(avoid=cfg.port)
         self.url = f"http://127.0.0.1:{self.port}"
         threads = cfg.threads or len(os.sched_getaffinity(0))
         command = [str(server_binary()), "--model", str(gguf), "--alias", alias,

@@ -209,3 +209,11 @@ def test_a_second_run_of_the_same_stage_waits_for_none_and_names_the_holder(tmp_
         "except StageBusy as err:\n    print(err); sys.exit(4)")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 4 and f"pid {os.getpid()}" in probe.stdout
     assert first.tmp_dir.is_dir()   # the holder's temporary folder is untouched
+
+
+def test_a_free_port_is_never_the_one_to_avoid():
+    """serve binds its own port only after its llama-server child is ready, so the child's port is drawn with
+    serve's excluded (the kernel once handed out the same port to both, and the child took it)."""
+    from stages.lib.child import free_port
+    taken = free_port()
+    assert all(free_port(avoid=taken) != taken for _ in range(300))

@@ -17,11 +17,15 @@ class ChildFailed(RuntimeError):
     """The child exited or never answered; the message ends with its last log lines."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_port(avoid: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, other than `avoid` (serve's own port, which it binds
+    only once its llama-server child is ready: the child once drew that very port and took it)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def _die_with_parent() -> None:
