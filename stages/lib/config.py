@@ -45,8 +45,8 @@ class RunConfig:
 def is_run_name(text: str) -> bool:
     """A run's folder name: letters, digits, '-' and '_' only (never a path, never empty), at most 200 of them
     (a file name has 255 bytes, and `.<name>.tmp` or a run's archive name adds to it)."""
-    return len(text) <= 200 and text.replace("-", "").replace("_", "").isascii() and \
-        text.replace("-", "").replace("_", "").isalnum()
+    bare = text.replace("-", "").replace("_", "")
+    return len(text) <= 200 and bare.isascii() and bare.isalnum()
 
 
 def require(condition: bool, key: str, expected: str) -> None:
