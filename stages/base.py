@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.models import PACKAGED_MODELS, SHAPE_TWINS, model_slug
@@ -196,9 +196,9 @@ def make_shape_twin(spec: str, tiny_tokenizer_dir: Path | None, train: list[dict
 
 def run(run_cfg, cfg: BaseConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    data = artifacts.require_stage(run_dir, "data", "generate")
+    manifests = registry.upstream(run_dir, "base")
     stage = artifacts.StageRun("base", "base", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
-                               artifacts.input_fingerprint({"data": data}), artifacts.code_hash(__file__), PACKAGES)
+                               artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
     train = read_split(run_dir, "train")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.api_client import ApiSettings
 from stages.lib.config import as_dict, require
 from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
@@ -104,9 +104,8 @@ def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
 
 def run(run_cfg, cfg: BaselineConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate")}
-    if any(m == "tiny" or m.startswith("packaged:") for m in cfg.models):
-        manifests["base"] = artifacts.require_stage(run_dir, "base", "base")
+    local_base = any(m == "tiny" or m.startswith("packaged:") for m in cfg.models)
+    manifests = registry.upstream(run_dir, "baseline", skip=() if local_base else ("base",))
     stage = artifacts.StageRun("baseline", "baseline", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.config import ConfigError, is_run_name
 from stages.lib.render import fmt, render, write_csv_tables
 
@@ -26,26 +26,23 @@ class CompareConfig:   # no table of its own: the runs come from --runs, artifac
         pass
 
 
-def flat_config(run_dir: Path) -> dict[str, object]:
-    """'<stage folder>.<key>' -> value, from every stage manifest of the run."""
-    flat = {}
-    for path in sorted(run_dir.glob("*/manifest.json")):
-        for key, value in (artifacts.read_json(path).get("config") or {}).items():
-            flat[f"{path.parent.name}.{key}"] = value
-    return flat
+def flat_config(manifests: dict[str, dict]) -> dict[str, object]:
+    """'<stage folder>.<key>' -> value, from the manifest of every stage folder of the run (profiles aside)."""
+    return {f"{folder}.{key}": value for folder, manifest in sorted(manifests.items()) if "/" not in folder
+            for key, value in (manifest.get("config") or {}).items()}
 
 
-def collect(run_dir: Path) -> dict:
-    """A run's evaluation rows (by variant without the model slug, and decoding) and naive CPU rows by host."""
+def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
+    """A run's evaluation rows (by variant without the model slug, and decoding) and naive CPU rows by host,
+    from the finished folders `manifests` names."""
     rows = artifacts.read_json(run_dir / "eval" / "results.json")["rows"]
     scored = {(r["variant"].split("/", 1)[-1], r["decoding"]): r for r in rows if "skipped" not in r}
     cpu = {}
-    for results in sorted(run_dir.glob("profiles/*/cpu/results.json")):
-        if (results.parent / "manifest.json").is_file():
-            for row in artifacts.read_json(results)["rows"]:
-                if row.get("mode") == "naive":
-                    cpu[(results.parent.parent.name, row["variant"])] = row
-    return {"eval": scored, "cpu": cpu, "config": flat_config(run_dir),
+    for folder in sorted(f for f in manifests if f.startswith("profiles/") and f.endswith("/cpu")):
+        for row in artifacts.read_json(run_dir / folder / "results.json")["rows"]:
+            if row.get("mode") == "naive":
+                cpu[(folder.split("/")[1], row["variant"])] = row
+    return {"eval": scored, "cpu": cpu, "config": flat_config(manifests),
             "models": sorted({r["model"] for r in rows if "model" in r})}
 
 
@@ -119,12 +116,14 @@ def run(run_cfg, cfg: CompareConfig, args) -> int:
     runs = list(dict.fromkeys(args.runs))
     if len(runs) < 2 or not all(map(is_run_name, runs)):
         raise ConfigError(f"--runs {' '.join(args.runs)}: expected two or more run names (folders under {root})")
-    manifests = {name: artifacts.require_stage(root / name, "eval", "evaluate") for name in runs}
-    stage = artifacts.StageRun("compare", folder_name(runs), root / "compare", {"runs": runs},
-                               artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), ["matplotlib"])
+    manifests = {name: registry.upstream(root / name, "compare") for name in runs}
+    inputs = artifacts.input_fingerprint({f"{name}/{folder}": manifest for name, read in manifests.items()
+                                          for folder, manifest in read.items()})
+    stage = artifacts.StageRun("compare", folder_name(runs), root / "compare", {"runs": runs}, inputs,
+                               artifacts.code_hash(__file__), ["matplotlib"])
     if cli.already_done(stage, args):
         return 0
-    data = {name: collect(root / name) for name in runs}
+    data = {name: collect(root / name, manifests[name]) for name in runs}
     out = stage.fresh_tmp()
     (out / "figures").mkdir()
     blocks = [("h1", f"Cart-intent runs compared: {', '.join(runs)}"), *difference_blocks(data),

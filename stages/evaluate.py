@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.models import quantization_sources
 
@@ -109,8 +109,7 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     if args.constrained:
         cfg.decoding = ["constrained"]
     run_dir = run_cfg.run_dir
-    manifests = {name: artifacts.require_stage(run_dir, name, target) for name, target in
-                 (("data", "generate"), ("merge", "merge"), ("gptq", "gptq"), ("gguf", "gguf"))}
+    manifests = registry.upstream(run_dir, "evaluate_set" if args.data else "evaluate")
     data_path = Path(args.data) if args.data else run_dir / "data" / "test.jsonl"
     if not data_path.is_file():
         raise ConfigError(f"--data {data_path}: no such file")

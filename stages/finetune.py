@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
 from stages.lib.models import base_models, weights_dir
 from stages.lib.task import read_split
@@ -446,8 +446,7 @@ def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list
 
 def run(run_cfg, cfg: FinetuneConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "base": artifacts.require_stage(run_dir, "base", "base")}
+    manifests = registry.upstream(run_dir, "finetune")
     stage = artifacts.StageRun("finetune", "finetune", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
                                artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):

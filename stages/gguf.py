@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.gguf_bundle import write_bundle
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
@@ -143,9 +143,7 @@ def bundle(folder: Path, source: dict, variants: dict, merged: dict, products: l
 
 def run(run_cfg, cfg: GGUFConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "base": artifacts.require_stage(run_dir, "base", "base"),
-                 "merge": artifacts.require_stage(run_dir, "merge", "merge")}
+    manifests = registry.upstream(run_dir, "gguf")
     try:
         _, commit = converter()
     except ToolsMissing as err:

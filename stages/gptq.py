@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
 from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
@@ -126,9 +126,7 @@ def model_card(spec: str, record: dict, merged: dict, run_name: str) -> str:
 
 def run(run_cfg, cfg: GPTQConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "base": artifacts.require_stage(run_dir, "base", "base"),
-                 "merge": artifacts.require_stage(run_dir, "merge", "merge")}
+    manifests = registry.upstream(run_dir, "gptq")
     stage = artifacts.StageRun("gptq", "gptq", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware
+from stages.lib import artifacts, cli, hardware, registry
 from stages.lib.child import Child, free_port
 from stages.lib.config import as_dict, load_stage_config, require
 from stages.lib.intent import ENGINES, ServeConfig, gguf_path
@@ -158,13 +158,11 @@ def summary(engine: str, clients: int, records: list[dict], seconds: float, refe
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 
-def evaluated_answers(run_dir: Path, gguf_file: Path, variant: str) -> dict[str, dict]:
-    """Message id -> {"answer", "correct"} of evaluate's constrained decoding of the served file, checked against
-    eval's manifest; empty when evaluate has not run (the comparison is then left out, not guessed)."""
-    if artifacts.read_manifest(run_dir / "eval") is None:
-        return {}
+def evaluated_answers(run_dir: Path, eval_manifest: dict | None, gguf_file: Path, variant: str) -> dict[str, dict]:
+    """Message id -> {"answer", "correct"} of evaluate's constrained decoding of the served file; empty when
+    evaluate has not run or left that file out (the comparison is then left out, not guessed)."""
     name = f"predictions/{gguf_file.parent.name}__gguf-{variant}__constrained.jsonl"
-    if name not in artifacts.require_stage(run_dir, "eval", "evaluate")["outputs"]:
+    if eval_manifest is None or name not in eval_manifest["outputs"]:
         return {}
     return {row["id"]: {"answer": row["parsed"] if row["valid"] else None, "correct": row["correct"]}
             for row in artifacts.read_jsonl(run_dir / "eval" / name)}
@@ -221,15 +219,14 @@ def measured_code() -> str:
 def run(run_cfg, cfg: LoadtestConfig, args) -> int:
     run_dir = run_cfg.run_dir
     _, serve_cfg = load_stage_config(args.config, "serve", ServeConfig, args.overrides)
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "gguf": artifacts.require_stage(run_dir, "gguf", "gguf")}
+    manifests = registry.upstream(run_dir, "loadtest")   # eval too, when evaluate has run
     gguf_file = gguf_path(run_cfg, serve_cfg)
-    evaluated = evaluated_answers(run_dir, gguf_file, serve_cfg.variant)
+    evaluated = evaluated_answers(run_dir, manifests.get("eval"), gguf_file, serve_cfg.variant)
     facts = hardware.fingerprint()
     host = hardware.host_id(facts)
     served = {k: v for k, v in as_dict(serve_cfg).items() if k not in ("host", "port", "engine")}
     stage = artifacts.StageRun("loadtest", f"profiles/{host}/serve", run_dir, {**as_dict(cfg), "serve": served},
-                               {**artifacts.input_fingerprint(manifests), "eval": artifacts.sha256_json(evaluated)},
+                               artifacts.input_fingerprint(manifests),
                                measured_code(), PACKAGES)
     if cli.already_done(stage, args):
         return 0

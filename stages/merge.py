@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
 from stages.lib.models import base_models, weights_dir
@@ -113,9 +113,7 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
 
 def run(run_cfg, cfg: MergeConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "base": artifacts.require_stage(run_dir, "base", "base"),
-                 "finetune": artifacts.require_stage(run_dir, "finetune", "finetune")}
+    manifests = registry.upstream(run_dir, "merge")
     stage = artifacts.StageRun("merge", "merge", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):

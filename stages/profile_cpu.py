@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware
+from stages.lib import artifacts, cli, hardware, registry
 from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
 from stages.lib.constrained import Stepper
@@ -270,8 +270,7 @@ def show(rows: list[dict], host: str, threads: int, bandwidth: dict) -> None:
 
 def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"data": artifacts.require_stage(run_dir, "data", "generate"),
-                 "gguf": artifacts.require_stage(run_dir, "gguf", "gguf")}
+    manifests = registry.upstream(run_dir, "profile_cpu")
     facts = hardware.fingerprint()
     host = hardware.host_id(facts)
     stage = artifacts.StageRun("profile-cpu", f"profiles/{host}/cpu", run_dir, as_dict(cfg),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware
+from stages.lib import artifacts, cli, hardware, registry
 from stages.lib.config import as_dict, require
 from stages.lib.models import quantization_sources
 from stages.lib.task import read_split
@@ -213,8 +213,7 @@ def median_answer_tokens_hf(tokenizer_dir: str, examples: list[dict]) -> int:
 
 def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    upstream = [("data", "generate"), ("base", "base")] + [("gptq", "gptq")] * ("gptq" in cfg.variants)
-    manifests = {name: artifacts.require_stage(run_dir, name, target) for name, target in upstream}
+    manifests = registry.upstream(run_dir, "profile_gpu", skip=() if "gptq" in cfg.variants else ("gptq",))
     facts = hardware.fingerprint()
     host = hardware.host_id(facts)
     stage = artifacts.StageRun("profile-gpu", f"profiles/{host}/gpu", run_dir, as_dict(cfg),

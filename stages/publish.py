@@ -21,11 +21,11 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.cards import card_problems
 from stages.lib.config import ConfigError, require
 
-KINDS = {"data": "generate", "merge": "merge", "gptq": "gptq", "gguf": "gguf"}   # folder -> make target
+KINDS = ("data", "merge", "gptq", "gguf")   # the folders a run can publish
 SKIP_SUFFIXES = (".log", ".tmp")
 SKIP_NAMES = {artifacts.MANIFEST, "base.json"}
 
@@ -52,14 +52,14 @@ def plan(run_dir: Path, run_name: str, cfg: PublishConfig) -> list[dict]:
     """One upload per repo: its id, type, local folder and files; MissingArtifact / ConfigError on a bad input."""
     uploads = []
     for kind in cfg.folders:
-        artifacts.require_stage(run_dir, kind, KINDS[kind])
+        registry.require_stage(run_dir, kind)
         folders = [run_dir / kind] if kind == "data" else sorted(p for p in (run_dir / kind).iterdir() if p.is_dir())
         for folder in folders:
             readme = folder / "README.md"
             problems = card_problems(readme.read_text(encoding="utf-8"), "dataset" if kind == "data" else "model") \
                 if readme.is_file() else ["no README.md"]
             if problems:
-                raise ConfigError(f"{readme}: {'; '.join(problems)} (rebuild it with `make {KINDS[kind]} FORCE=1`)")
+                raise ConfigError(f"{readme}: {'; '.join(problems)} (rebuild it with `make {registry.target_of(kind)} FORCE=1`)")
             name = f"cart-intent-{run_name}" + ("" if kind == "data" else f"-{folder.name}-{kind}")
             uploads.append({"repo_id": f"{cfg.namespace or '<namespace>'}/{name}",
                             "repo_type": "dataset" if kind == "data" else "model", "folder": str(folder),

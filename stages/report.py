@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli
+from stages.lib import artifacts, cli, registry
 from stages.lib.render import fmt, render, write_csv_tables
 from stages import report_figures as figures
 from stages.lib.config import as_dict, require
@@ -73,24 +73,21 @@ def gb(value) -> float | None:
 
 # ---- collecting what the stages wrote -----------------------------------------------------------------------
 
-def collect(run_dir: Path) -> dict:
+def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
+    """Everything the report shows, read from the finished folders `manifests` names (its fingerprint)."""
     data = {"eval": artifacts.read_json(run_dir / "eval" / "results.json"),
             "baseline": artifacts.read_json(run_dir / "baseline" / "results.json"),
-            "other_sets": {folder.parent.name.removeprefix("eval-"): artifacts.read_json(folder.parent / "results.json")
-                           for folder in sorted(run_dir.glob("eval-*/manifest.json"))},
-            "manifests": {}, "cpu": [], "gpu": [], "serve": [], "serve_ratios": [], "hosts": {}, "gpu_skipped": {},
-            "bandwidth": {}}
-    for manifest_file in sorted(run_dir.glob("*/manifest.json")) + sorted(run_dir.glob("profiles/*/*/manifest.json")):
-        data["manifests"][str(manifest_file.parent.relative_to(run_dir))] = artifacts.read_json(manifest_file)
-    for folder in sorted(run_dir.glob("profiles/*/*")):
-        if not (folder / "manifest.json").is_file():
-            continue   # an unfinished profile is never read
-        results, host = artifacts.read_json(folder / "results.json"), folder.parent.name
-        data["hosts"][host] = artifacts.read_json(folder / "fingerprint.json")
-        if folder.name == "cpu":
+            "other_sets": {folder.removeprefix("eval-"): artifacts.read_json(run_dir / folder / "results.json")
+                           for folder in manifests if folder.startswith("eval-")},
+            "manifests": dict(manifests), "cpu": [], "gpu": [], "serve": [], "serve_ratios": [], "hosts": {},
+            "gpu_skipped": {}, "bandwidth": {}}
+    for folder in (f for f in manifests if f.startswith("profiles/")):
+        results, host, kind = artifacts.read_json(run_dir / folder / "results.json"), *folder.split("/")[1:]
+        data["hosts"][host] = artifacts.read_json(run_dir / folder / "fingerprint.json")
+        if kind == "cpu":
             data["bandwidth"][host] = results["bandwidth"]
             data["cpu"] += [{**r, "host": host} for r in results["rows"]]
-        elif folder.name == "serve":
+        elif kind == "serve":
             served = f"{results['model']} {results['variant']}, {results['serve']['slots']} slots"
             data["serve"] += [{**r, "host": host, "served": served} for r in results["rows"]]
             data["serve_ratios"] += [{**r, "host": host} for r in results["ratios"]]
@@ -510,17 +507,13 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
 
 def run(run_cfg, cfg: ReportConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    manifests = {"eval": artifacts.require_stage(run_dir, "eval", "evaluate"),
-                 "baseline": artifacts.require_stage(run_dir, "baseline", "baseline")}
-    for folder in sorted(run_dir.glob("profiles/*/*")):
-        if (folder / "manifest.json").is_file():
-            manifests[str(folder.relative_to(run_dir))] = artifacts.read_manifest(folder)
+    manifests = registry.upstream(run_dir, "report")   # eval and baseline, and every other finished folder
     stage = artifacts.StageRun("report", "report", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
     out = stage.fresh_tmp()
-    tables = build(run_cfg.name, collect(run_dir), cfg, out)
+    tables = build(run_cfg.name, collect(run_dir, manifests), cfg, out)
     artifacts.write_json(out / "tables.json", tables)
     stage.results.update(recommendation=tables["recommendation"], figures=tables["figures"])
     stage.publish()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.artifacts import MissingArtifact, StageRun, code_dependencies, require_stage
+from stages.lib.artifacts import MissingArtifact, StageRun, code_dependencies
+from stages.lib.registry import require_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,20 +25,20 @@ def published(run_dir, files: dict[str, bytes]):
 
 def test_intact_upstream_passes_and_truncated_or_edited_files_name_the_target(tmp_path):
     folder = published(tmp_path, {"train.jsonl": b'{"a": 1}\n{"b": 2}\n', "test.jsonl": b"{}\n"})
-    assert require_stage(tmp_path, "data", "generate")["stage"] == "generate"
+    assert require_stage(tmp_path, "data")["stage"] == "generate"
     with open(folder / "train.jsonl", "r+b") as fh:  # truncated mid-line
         fh.truncate(12)
     with pytest.raises(MissingArtifact, match=r"train.jsonl .*make generate FORCE=1"):
-        require_stage(tmp_path, "data", "generate")
+        require_stage(tmp_path, "data")
     folder = published(tmp_path, {"train.jsonl": b'{"a": 1}\n'})
     (folder / "train.jsonl").write_bytes(b'{"a": 2}\n')  # same size, new content, newer than the manifest
     later = time.time() + 5
     os.utime(folder / "train.jsonl", (later, later))
     with pytest.raises(MissingArtifact, match="differs from"):
-        require_stage(tmp_path, "data", "generate")
+        require_stage(tmp_path, "data")
     (folder / "train.jsonl").unlink()
     with pytest.raises(MissingArtifact, match="missing"):
-        require_stage(tmp_path, "data", "generate")
+        require_stage(tmp_path, "data")
 
 
 @pytest.mark.parametrize("content", ['{"stage": "base"}', "[]", '{"outputs": [1]}', "{not json"])
@@ -45,7 +46,7 @@ def test_malformed_manifest_is_a_missing_artifact(tmp_path, content):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "manifest.json").write_text(content)
     with pytest.raises(MissingArtifact, match="make base"):
-        require_stage(tmp_path, "base", "base")
+        require_stage(tmp_path, "base")
 
 
 def test_resume_keeps_only_an_identical_attempt(tmp_path, capsys):

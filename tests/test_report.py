@@ -3,6 +3,7 @@ import json
 import re
 
 from conftest import stage
+from stages.lib.artifacts import sha256_file
 
 EM = {"fp16": 0.91, "gptq": 0.90, "gguf-f16": 0.91, "gguf-Q5_K_M": 0.93, "gguf-Q4_K_M": 0.925, "gguf-Q3_K_M": 0.922}
 SIZES = {"F16": 8_000_000, "Q5_K_M": 3_000_000, "Q4_K_M": 2_500_000, "Q3_K_M": 2_100_000}
@@ -168,6 +169,22 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     serving = report.split("## Serving under concurrent clients")[1].split("##")[0]
     assert "| epyc-2c-aaaaaa | tiny Q4_K_M, 8 slots | llama-server | 8 | 400 | 6.00 |" in serving
     assert "| epyc-2c-aaaaaa | llama-server / llama-cpp-python | 8 | 3.00 | 0.33 |" in serving
+
+
+def test_evaluating_only_a_hand_written_set_again_reruns_the_report(tmp_path):
+    run = build_run(tmp_path)
+    stage("report", tmp_path)
+    assert "0.771" not in (run / "report" / "report.html").read_text()
+    results = run / "eval-realistic" / "results.json"
+    write(results, {"examples": 180, "rows": [eval_row("fp16", "free", 0.771)]})
+    manifest(run / "eval-realistic", "evaluate")
+    found = json.loads((run / "eval-realistic" / "manifest.json").read_text())
+    found["outputs"] = {"results.json": {"bytes": results.stat().st_size, "sha256": sha256_file(results)}}
+    write(run / "eval-realistic" / "manifest.json", found)
+    proc = stage("report", tmp_path)
+    assert "up to date" not in proc.stdout + proc.stderr
+    page = (run / "report" / "report.html").read_text()
+    assert "0.771" in page
 
 
 def test_report_without_eval_names_make_target(tmp_path):

@@ -78,6 +78,16 @@ def test_editing_a_helper_changes_only_its_stage_code_hash(monkeypatch):
     assert {name for name in before if before[name] != after[name]} == {"report"}
 
 
+def test_editing_the_hardware_probes_reruns_only_the_benchmarks(monkeypatch):
+    """Every manifest records the host (lib/host.py); the probes (hardware.py) belong to the stages that measure."""
+    before = {p.stem: code_hash(p) for p in COMMANDS}
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file",
+                        lambda path: "edited" if Path(path).name == "hardware.py" else real(path))
+    changed = {p.stem for p in COMMANDS if code_hash(p) != before[p.stem]}
+    assert changed == {"profile_cpu", "profile_gpu", "loadtest"}
+
+
 def test_code_hash_follows_helpers_and_their_data_files():
     generate = {p.name for p in code_dependencies(STAGES / "generate.py")}
     assert {"generate_noise.py", "generate_metaprompt.py", "generate_templates.json", "api_client.py",

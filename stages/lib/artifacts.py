@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from . import hardware
+from .host import host_facts
 
 MANIFEST = "manifest.json"
 # the temporary folder this process's stage writes into: named when a write fails without naming its file
@@ -134,27 +134,6 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def require_stage(run_dir: Path, stage: str, make_target: str) -> dict:
-    """The manifest of a finished upstream stage whose files are still what it lists, or MissingArtifact naming
-    the make target. Every file's size is checked; its SHA-256 too unless the file is no newer than the manifest
-    (the fast path: a truncated file changes size, an edited one its time)."""
-    folder = run_dir / stage
-    manifest = read_manifest(folder)
-    if manifest is None or not isinstance(manifest.get("outputs"), dict):
-        raise MissingArtifact(f"{folder} is missing or incomplete: run `make {make_target}` first "
-                              f"(with the same CONFIG)")
-    written = (folder / MANIFEST).stat().st_mtime
-    for name, entry in manifest["outputs"].items():
-        path = folder / name
-        stat = path.stat() if path.is_file() else None
-        intact = stat is not None and isinstance(entry, dict) and stat.st_size == entry.get("bytes") and (
-            stat.st_mtime <= written or sha256_file(path) == entry.get("sha256"))
-        if not intact:
-            raise MissingArtifact(f"{path} is missing or differs from {folder / MANIFEST}: rebuild it with "
-                                  f"`make {make_target} FORCE=1` (same CONFIG)")
-    return manifest
-
-
 def input_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
     """Upstream stage -> hash of its outputs, as the manifests list them."""
     return {name: sha256_json(m["outputs"]) for name, m in sorted(manifests.items())}
@@ -234,7 +213,7 @@ class StageRun:
         self.tmp_dir.rename(self.out_dir)
         manifest = {
             "stage": self.stage, **self.fingerprint, "config": self.config, "outputs": outputs,
-            "results": self.results, "packages": package_versions(self.packages), "host": hardware.host_facts(),
+            "results": self.results, "packages": package_versions(self.packages), "host": host_facts(),
             "runner": runner_facts(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - self.started, 3),

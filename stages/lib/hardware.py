@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -17,20 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+from .host import cpuinfo, host_facts
+
 # The ISA extensions that change which kernels llama.cpp and torch pick.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def _cpuinfo() -> dict:
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
 
 
 def gpus() -> list[dict]:
@@ -47,22 +37,9 @@ def gpus() -> list[dict]:
     return found
 
 
-def host_facts() -> dict:
-    """The machine in a few cheap facts, for every manifest (no GPU query)."""
-    info = _cpuinfo()
-    ram = 0
-    try:
-        ram = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        pass
-    return {"hostname": platform.node(), "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "ram_bytes": ram, "machine": platform.machine(), "os": platform.platform(),
-            "python": platform.python_version()}
-
-
 def fingerprint() -> dict:
     """The facts that decide a benchmark's numbers on this host (the hostname is not one of them)."""
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     facts = {k: v for k, v in host_facts().items() if k != "hostname"}
     return {**facts, "usable_cores": len(os.sched_getaffinity(0)), "isa": [f for f in ISA_FLAGS if f in flags],

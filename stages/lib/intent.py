@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import MissingArtifact, require_stage
+from .artifacts import MissingArtifact
 from .backends import GGUFBackend
 from .config import ConfigError, require
+from .registry import require_stage
 from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
 
 
@@ -71,7 +72,7 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
     """<run>/gguf/<slug>/model-<variant>.gguf as the gguf manifest lists it (a truncated or altered file is caught
     here, as every stage catches its inputs), or MissingArtifact naming `make gguf`."""
     root = run.run_dir / "gguf"
-    outputs = require_stage(run.run_dir, "gguf", "gguf")["outputs"]
+    outputs = require_stage(run.run_dir, "gguf")["outputs"]
     slugs = sorted({name.split("/")[0] for name in outputs if name.endswith(".gguf")})
     slug = cfg.model or (slugs[0] if slugs else "")
     name = "model-f16.gguf" if cfg.variant.upper() == "F16" else f"model-{cfg.variant}.gguf"
