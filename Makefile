@@ -65,7 +65,6 @@ STAGE = $(call IN,$(call SERVICE,$(1))) -m stages.$(1) --config $(CONFIG) $(SET_
 SETUP := $(if $(filter docker,$(RUNNER)),,$(STAMP))
 FILE_MOUNT = $(if $(FILE),-v $(abspath $(dir $(FILE))):$(abspath $(dir $(FILE))))
 export REGISTRY BASE_IMAGES CA_BUNDLE NETWORK
-unexport FORCE
 
 .DEFAULT_GOAL := help
 .PHONY: help all generate base finetune merge gptq gguf baseline evaluate profile-cpu profile-gpu loadtest report serve predict compare publish test test-unit test-images clean venv images push pull images-save images-load export import

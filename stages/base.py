@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.base_tiny import TinyConfig, build_tiny, train_tokenizer
 from stages.lib import artifacts, cli, registry
 from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
@@ -41,20 +42,7 @@ PACKAGES = ["torch", "transformers", "sentencepiece", "huggingface_hub", "safete
 @dataclass
 class BaseConfig:
     models: list[str] = field(default_factory=lambda: ["tiny"])
-    # The tiny model. Sizes are multiples of 256 so GGUF k-quants and GPTQ groups of 128 fit every matrix.
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    max_seq_len: int = 256
-    pretrain_steps: int = 1200
-    pretrain_batch: int = 16
-    pretrain_seq_len: int = 128
-    pretrain_lr: float = 3e-3
-    warmup_steps: int = 60
-    dictionary_repeats: int = 4       # how often each product/number-word line recurs in the corpus
-    copy_lines: int = 3000            # "Repeat: x => x" lines teaching the copy skill
+    tiny: TinyConfig = field(default_factory=TinyConfig)
     fewshot_probe: int = 60           # validation examples for the base's own 3-shot exact match (0: skip)
 
     def validate(self) -> None:
@@ -63,16 +51,7 @@ class BaseConfig:
         # each model gets the folder its last name part gives: '<repo>/..' would be the run's base folder itself
         require(all(model_slug(m).strip(".") for m in self.models), "models",
                 "model ids or folders whose last part is a name, not '.' or '..'")
-        for key in ("hidden_size", "intermediate_size"):
-            require(getattr(self, key) % 256 == 0, key, "a multiple of 256 (k-quant blocks)")
-        require(self.hidden_size % self.num_heads == 0, "num_heads", "a divisor of hidden_size")
-        require(self.vocab_size >= 600, "vocab_size", "an integer >= 600")
-        for key in ("num_layers", "pretrain_batch", "pretrain_seq_len", "max_seq_len"):
-            require(getattr(self, key) >= 1, key, "an integer >= 1")
-        require(self.pretrain_steps >= 0 and self.warmup_steps >= 0, "pretrain_steps", "an integer >= 0")
-        require(0 < self.pretrain_lr < 1, "pretrain_lr", "a learning rate in (0, 1)")
-        require(self.dictionary_repeats >= 0 and self.copy_lines >= 0 and self.fewshot_probe >= 0,
-                "dictionary_repeats", "counts >= 0")
+        require(self.fewshot_probe >= 0, "fewshot_probe", "an integer >= 0")
 
 
 def provide_hub_model(spec: str, out: Path) -> dict:
@@ -177,7 +156,6 @@ def make_shape_twin(spec: str, tiny_tokenizer_dir: Path | None, train: list[dict
     """Random weights with the real model's exact shape (accuracy from it is meaningless)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from stages.base_tiny import train_tokenizer
     shape = SHAPE_TWINS[spec]
     if tiny_tokenizer_dir is None:
         train_tokenizer([ex["text"] for ex in train], 2048, out)
@@ -211,7 +189,6 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
         folder.mkdir()
         cli.console.rule(f"base model {spec}")
         if spec == "tiny":
-            from stages.base_tiny import build_tiny
             records[slug] = build_tiny(cfg, train, val, run_cfg.seed, folder, run_catalog(run_dir))
             tiny_dir = folder
         elif spec in SHAPE_TWINS:

@@ -12,11 +12,43 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.cli import console
+from stages.lib.config import require
 from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
 from stages.lib.task import INSTRUCTION, format_answer
+
+@dataclass
+class TinyConfig:
+    """[base.tiny]: the embedded model. Sizes are multiples of 256 so GGUF k-quants and GPTQ groups of 128 fit
+    every matrix."""
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    pretrain_steps: int = 1200
+    pretrain_batch: int = 16
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 3e-3
+    warmup_steps: int = 60
+    dictionary_repeats: int = 4       # how often each product/number-word line recurs in the corpus
+    copy_lines: int = 3000            # "Repeat: x => x" lines teaching the copy skill
+
+    def validate(self) -> None:
+        for key in ("hidden_size", "intermediate_size"):
+            require(getattr(self, key) % 256 == 0, key, "a multiple of 256 (k-quant blocks)")
+        require(self.hidden_size % self.num_heads == 0, "num_heads", "a divisor of hidden_size")
+        require(self.vocab_size >= 600, "vocab_size", "an integer >= 600")
+        for key in ("num_layers", "pretrain_batch", "pretrain_seq_len", "max_seq_len"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1")
+        require(self.pretrain_steps >= 0 and self.warmup_steps >= 0, "pretrain_steps", "an integer >= 0")
+        require(0 < self.pretrain_lr < 1, "pretrain_lr", "a learning rate in (0, 1)")
+        require(self.dictionary_repeats >= 0 and self.copy_lines >= 0, "dictionary_repeats", "counts >= 0")
+
 
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                     "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
@@ -143,17 +175,17 @@ def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path, ca
     from stages.lib.generation import exact_match_rate
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    corpus = build_corpus(train, cfg, rng, catalog)
-    train_tokenizer(corpus, cfg.vocab_size, out)
+    corpus = build_corpus(train, cfg.tiny, rng, catalog)
+    train_tokenizer(corpus, cfg.tiny.vocab_size, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=cfg.tiny.hidden_size, intermediate_size=cfg.tiny.intermediate_size,
+        num_hidden_layers=cfg.tiny.num_layers, num_attention_heads=cfg.tiny.num_heads,
+        num_key_value_heads=cfg.tiny.num_heads, max_position_embeddings=cfg.tiny.max_seq_len, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = LlamaForCausalLM(config)
     with Progress(console=console) as progress:
-        record = pretrain(model, tokenizer, corpus, cfg, rng, progress)
+        record = pretrain(model, tokenizer, corpus, cfg.tiny, rng, progress)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     record.update(kind="tiny", spec="tiny", path=str(out), vocab_size=len(tokenizer),

@@ -19,7 +19,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import re
 import shutil
@@ -282,7 +281,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     e = commands.add_parser("export", help="pack a run's stage folders and manifests into one tar.gz")
-    e.add_argument("--config", default=os.environ.get("CONFIG", "configs/tiny.toml"), help="run config (TOML)")
+    e.add_argument("--config", default="configs/smollm2.toml", help="run config (TOML)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set run.artifacts_dir=elsewhere (repeatable)")
     e.add_argument("--stages", default="", help="comma-separated stage folders or stage names "

@@ -19,7 +19,7 @@ from stages.profile_gpu import ProfileGPUConfig
 from stages.publish import PublishConfig
 from stages.report import ReportConfig
 from stages.lib.intent import ServeConfig
-from stages.lib.config import KNOWN_SECTIONS, ConfigError, load_stage_config, read_tables
+from stages.lib.config import KNOWN_SECTIONS, ConfigError, RunConfig, as_dict, load_stage_config, read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -45,6 +45,24 @@ def test_every_shipped_config_loads(path):
     for section, cls in STAGE_CONFIGS.items():
         run, _ = load_stage_config(path, section, cls)
         assert run.name == path.stem
+
+
+def restated_defaults(table: dict, defaults: dict, prefix: str) -> list[str]:
+    found = []
+    for key, value in table.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            found += restated_defaults(value, defaults[key], f"{prefix}.{key}")
+        elif key in defaults and defaults[key] == value:
+            found.append(f"{prefix}.{key}")
+    return found
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_shipped_config_lists_only_what_it_changes(path):
+    classes = {**STAGE_CONFIGS, "run": RunConfig}
+    restated = [key for section, table in read_tables(path).items()
+                for key in restated_defaults(table, {**as_dict(classes[section]()), "name": path.stem}, section)]
+    assert not restated, f"{path.name} restates defaults (delete them): {restated}"
 
 
 def test_paper_config_is_the_papers_recipe():

@@ -51,12 +51,12 @@ def share_cpu_fairly() -> None:
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.environ.get("CONFIG", "configs/smollm2.toml"),
+    p.add_argument("--config", default="configs/smollm2.toml",
                    help="run config (TOML); default configs/smollm2.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set generate.n_examples=600 (repeatable)")
-    p.add_argument("--force", action="store_true", default=os.environ.get("FORCE", "") not in ("", "0"),
-                   help="rerun even if inputs and config are unchanged (also FORCE=1)")
+    p.add_argument("--force", action="store_true", help="rerun even if inputs and config are unchanged "
+                   "(make: FORCE=1)")
     return p
 
 

@@ -28,14 +28,15 @@ class ConfigError(Exception):
 
 @dataclass
 class RunConfig:
-    """The [run] table: which folder under artifacts/ this run writes."""
-    name: str = "tiny"
+    """The [run] table: which folder under artifacts/ this run writes (name: the config file's name unless set)."""
+    name: str = ""
     artifacts_dir: str = "artifacts"
     seed: int = 42
 
     def validate(self) -> None:
         require(is_run_name(self.name), "name",
-                "ASCII letters, digits, '-' or '_', at most 200 (it becomes a folder name)")
+                "ASCII letters, digits, '-' or '_', at most 200 (it becomes a folder name; unset, the config "
+                "file's name)")
 
     @property
     def run_dir(self) -> Path:
@@ -166,8 +167,8 @@ def load_stage_config(path: str | Path, section: str, cls, overrides: list[str] 
     """(RunConfig, stage config) for one stage; errors name the file."""
     try:
         tables = read_tables(path, overrides)
-        run = build(RunConfig, tables.get("run", {}), "run")
-        stage = build(cls, tables.get(section, {}), section)
+        run = build(RunConfig, {"name": Path(path).stem, **tables.get("run", {})}, "run")
+        stage = run if section == "run" else build(cls, tables.get(section, {}), section)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return run, stage
