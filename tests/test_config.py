@@ -7,17 +7,11 @@ import pytest
 
 from stages.base import BaseConfig
 from stages.baseline import BaselineConfig
-from stages.evaluate import EvaluateConfig
 from stages.finetune import FinetuneConfig
 from stages.generate import GenerateConfig
 from stages.gguf import GGUFConfig
 from stages.gptq import GPTQConfig
-from stages.loadtest import LoadtestConfig
-from stages.merge import MergeConfig
-from stages.profile_cpu import ProfileCPUConfig
-from stages.profile_gpu import ProfileGPUConfig
-from stages.publish import PublishConfig
-from stages.report import ReportConfig
+from scripts.config_docs import SECTIONS, render
 from stages.lib.intent import ServeConfig
 from stages.lib.config import KNOWN_SECTIONS, ConfigError, RunConfig, as_dict, load_stage_config, read_tables
 
@@ -31,10 +25,12 @@ def write(tmp_path, text):
     return path
 
 
-STAGE_CONFIGS = {"generate": GenerateConfig, "base": BaseConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
-                 "gptq": GPTQConfig, "gguf": GGUFConfig, "evaluate": EvaluateConfig, "baseline": BaselineConfig,
-                 "profile_cpu": ProfileCPUConfig, "profile_gpu": ProfileGPUConfig, "report": ReportConfig,
-                 "serve": ServeConfig, "publish": PublishConfig, "loadtest": LoadtestConfig}
+STAGE_CONFIGS = {name: cls for name, cls in SECTIONS.items() if name != "run"}
+
+
+def test_the_configs_page_is_what_the_code_gives():
+    assert (ROOT / "docs" / "configs.md").read_text(encoding="utf-8") == render(), \
+        "docs/configs.md is out of date: run python scripts/config_docs.py"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

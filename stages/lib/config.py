@@ -29,9 +29,9 @@ class ConfigError(Exception):
 @dataclass
 class RunConfig:
     """The [run] table: which folder under artifacts/ this run writes (name: the config file's name unless set)."""
-    name: str = ""
-    artifacts_dir: str = "artifacts"
-    seed: int = 42
+    name: str = ""                    # artifacts/<name>/; "": the config file's name (configs/smoke.toml: smoke)
+    artifacts_dir: str = "artifacts"  # where runs live (the shared volume under RUNNER=docker)
+    seed: int = 42                    # the models built here (tiny, shape twins) and fine-tuning
 
     def validate(self) -> None:
         require(is_run_name(self.name), "name",
