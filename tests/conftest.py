@@ -79,6 +79,17 @@ def manifest(run_dir, folder):
     return json.loads((run_dir / folder / "manifest.json").read_text())
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch  # only when a gpu test is collected: torch takes seconds to import
+    if not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device (torch.cuda.is_available() is False)"))
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
     """artifacts/smoke after generate -> base -> finetune -> merge."""

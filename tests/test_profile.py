@@ -59,6 +59,19 @@ def test_profile_gpu_without_cuda_is_skipped_with_reason(quantized):
     assert "no CUDA device" in results["skipped"] and (folder / "manifest.json").is_file()
 
 
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_profile_gpu_measures_fp16_and_gptq_on_cuda(quantized):
+    """On a CUDA host: memory, speed and load time of both variants, the GPTQ one through a GPU kernel."""
+    stage("profile_gpu", quantized.parent)   # variants fp16 and gptq (the default)
+    (folder,) = (quantized / "profiles").glob("*/gpu")
+    rows = {r["variant"]: r for r in json.loads((folder / "results.json").read_text())["rows"] if "variant" in r}
+    assert set(rows) == {"fp16", "gptq"}, rows
+    for row in rows.values():
+        assert row["torch_peak_allocated_bytes"] > 0 and row["decode_tok_s"] > 0 and row["load_s"] > 0
+    assert rows["gptq"]["kernel"], "GPTQ ran without a quantized kernel"
+
+
 def test_profile_cpu_without_gguf_names_make_target(tmp_path):
     stage("generate", tmp_path)
     proc = stage("profile_cpu", tmp_path, check=False)
