@@ -28,30 +28,11 @@ from stages.lib.config import as_dict, require
 
 PACKAGES = ["matplotlib"]
 
-# The paper's published figures, with the hardware they were measured on.
-PAPER = {
-    "accuracy": {"FP16": 0.988, "GGUF Q5_K_M": 0.984, "GGUF Q4_K_M": 0.984, "GGUF Q3_K_M": 0.972,
-                 "base": 0.76, "gpt-4.1": 1.000},
-    "gpu_hardware": "NVIDIA T4",
-    "gpu": {"FP16": {"tok_s": 44.56, "vram_gb": 3.27, "params_gb": 2.30, "load_s": 16.95},
-            "GPTQ 4-bit": {"tok_s": 7.92, "vram_gb": 1.93, "params_gb": 0.96, "load_s": 1.12}},
-    "cpu_hardware": "4 vCPU AMD EPYC Genoa",
-    "cpu": {"GGUF F16": {"tok_s": 4.5, "ram_gb": 3.30, "mean_s": 3.55, "p95_s": 5.27},
-            "GGUF Q5_K_M": {"ram_gb": "0.93-1.14", "mean_s": 1.55, "p95_s": 2.27},
-            "GGUF Q4_K_M": {"tok_s": 19.5, "ram_gb": "0.93-1.14", "mean_s": 0.82, "p95_s": 1.16},
-            "GGUF Q3_K_M": {"tok_s": 13.0, "ram_gb": "0.93-1.14", "mean_s": 1.23, "p95_s": 1.79}},
-}
+# The paper's published figures with the hardware they were measured on, and its recipe (one file, read by tests too)
+PAPER = json.loads((Path(__file__).parent / "report_paper.json").read_text(encoding="utf-8"))
 # profile-cpu's decoding modes, as the prefix-cache table heads them
 MODE_HEADERS = {"naive": "naive mean s", "prefix_cached": "prefix-cached mean s",
                 "prefix_cached_constrained": "+ constrained mean s"}
-# Section 3.4.1's fine-tuning recipe: a run's finetune config is compared key by key (the why of each
-# deviation sits next to its value in the run's config file).
-PAPER_RECIPE = {"load_in_4bit": True, "quant_type": "nf4", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.15,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                "epochs": 3.0, "max_steps": 0, "batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4,
-                "lr_scheduler": "linear", "warmup_ratio": 0.05, "max_grad_norm": 1.0}
-
-
 @dataclass
 class ReportConfig:
     accuracy_margin: float = 0.01     # "smallest within one point of the best accuracy"
@@ -277,7 +258,7 @@ def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
                        "Validation exact match and loss against minutes of training"))
     def plain(value) -> str:  # a config value as written (2e-4 stays 0.0002, not 0.000)
         return f"{value:g}" if isinstance(value, float) else str(value)
-    deviations = [[key, plain(paper), plain(config.get(key))] for key, paper in PAPER_RECIPE.items()
+    deviations = [[key, plain(paper), plain(config.get(key))] for key, paper in PAPER["finetune_recipe"].items()
                   if key in config and config[key] != paper]
     if deviations:
         blocks += [("p", "Deviations from the paper's fine-tuning recipe (section 3.4.1); the reason for each is "
