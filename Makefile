@@ -178,7 +178,7 @@ images-load:
 ## Wheels a GPU host without a package index lacks (requirements/gpu-host.lock, Python GPU_PYTHON=3.12) -> gpu-wheels/
 .PHONY: gpu-wheels
 gpu-wheels:
-	$(HOST_PY) scripts/gpu_host.py download --python-version $(or $(GPU_PYTHON),3.12)$(if $(BUILD_PYTHON), --build-python $(BUILD_PYTHON))
+	$(HOST_PY) scripts/gpu_host.py download --python-version $(or $(GPU_PYTHON),3.12)$(if $(BUILD_PYTHON), --build-python $(BUILD_PYTHON))$(if $(MAX_MIB), --max-mib $(MAX_MIB))
 
 ## Pack the run of CONFIG with its manifests (STAGES=merge,gptq,profiles: some folders) -> FILE or artifacts/<run>.tar.gz
 export: $(SETUP)

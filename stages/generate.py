@@ -1,7 +1,7 @@
 """generate: the synthetic multilingual cart-intent dataset (offline template backend by default).
 
 backend = "llm" has an OpenAI-compatible model write each message for the same ground truth, "mixed" a
-share of them (stages/generate_metaprompt.py: prompts, reply checks, cache, budget); see README "LLM-written data".
+share of them (stages/generate_metaprompt.py: prompts, reply checks, cache, budget); see docs/data.md.
 
 Ground truth is drawn first (language cycling en/hr/es, action, product, weighted
 quantity), then a template, a quantity style and the configured noise render the
