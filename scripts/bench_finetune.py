@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.finetune import (Collate, FinetuneConfig, common_prefix_len, completion_loss,  # noqa: E402
-                             encode, load_base)
-from stages.lib import artifacts, hardware  # noqa: E402
+from stages.finetune import FinetuneConfig  # noqa: E402
+from stages.lib import artifacts  # noqa: E402
+from stages.lib.host import host_facts  # noqa: E402
+from stages.lib.training import (Collate, common_prefix_len, completion_loss, encode, load_base,  # noqa: E402
+                                 model_loss, timed_steps)
 from stages.lib.models import base_models, weights_dir  # noqa: E402
 
 # (label, config changes, loss path, shared prefix, batches grouped by length)
@@ -46,36 +47,20 @@ def batches(rows: list[dict], size: int, steps: int, grouped: bool) -> list[list
 
 def time_variant(path: Path, cfg: FinetuneConfig, rows: list[dict], pad_id: int, path_kind: str, shared: bool,
                  grouped: bool, steps: int, device: str) -> dict:
+    """One row of the table: the same timed steps as finetune's yardstick, with this variant's pieces."""
     import torch
     torch.manual_seed(0)
     cuda = device == "cuda"
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = load_base(path, cfg, dtype, cuda)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    collate = Collate(pad_id, common_prefix_len(rows) if shared else 0)
-    tokens, seconds = 0, 0.0
-    for step, chunk in enumerate(batches(rows, cfg.batch_size, steps, grouped)):
-        batch = {key: value.to(model.device) for key, value in collate(chunk).items()}
-        sync()
-        began = time.perf_counter()
-        loss = model(**batch).loss if path_kind == "plain" else completion_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        sync()
-        if step:  # the first step allocates and warms up
-            tokens += sum(len(r["input_ids"]) for r in chunk)
-            seconds += time.perf_counter() - began
-    row = {"s_per_step": round(seconds / steps, 4), "tokens_per_s": round(tokens / seconds, 1),
+    timed = timed_steps(load_base(path, cfg, dtype, cuda), batches(rows, cfg.batch_size, steps, grouped),
+                        Collate(pad_id, common_prefix_len(rows) if shared else 0),
+                        model_loss if path_kind == "plain" else completion_loss, cfg.learning_rate, cfg.max_grad_norm)
+    row = {"s_per_step": timed["s_per_step"], "tokens_per_s": timed["tokens_per_s"],
            "compute_dtype": str(dtype).replace("torch.", "")}
     if cuda:
         row["peak_vram_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    del model, optimizer
     return row
 
 
@@ -117,7 +102,7 @@ def main() -> int:
     for row in results:
         row["vs_yardstick"] = round(row["tokens_per_s"] / yardstick["tokens_per_s"], 2)
     summary = {"model": record["spec"], "device": args.device, "batch_size": 8, "steps": args.steps,
-               "yardstick": yardstick["variant"], "rows": results, "host": hardware.host_facts()}
+               "yardstick": yardstick["variant"], "rows": results, "host": host_facts()}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

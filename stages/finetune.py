@@ -26,23 +26,26 @@ report_to = ["tensorboard"] the same scalars as TensorBoard events in tensorboar
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import resource
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
+from stages.lib.generation import exact_match_rate
 from stages.lib.models import base_models, weights_dir
 from stages.lib.task import read_split
+from stages.lib.training import (ALL_PROJECTIONS, Collate, EpochSeededLengthSampler, common_prefix_len,
+                                 completion_loss, encode, load_base, model_loss, timed_steps)
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate"]
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IGNORE = -100  # label of a position without loss
 
 
 @dataclass
@@ -73,7 +76,6 @@ class FinetuneConfig:
     eval_exact_match: int = 0         # validation examples decoded per evaluation (0: all)
     plain_loop_steps: int = 0         # time a plain PyTorch LoRA loop for N steps first (0: skip)
     logging_steps: int = 25
-    progress_every_s: float = 30.0    # a progress line this often when the output is not a terminal
     report_to: list[str] = field(default_factory=list)   # ["tensorboard"]: events in finetune/<slug>/tensorboard/
 
     def validate(self) -> None:
@@ -94,7 +96,6 @@ class FinetuneConfig:
                     self.plain_loop_steps) >= 0 and self.logging_steps >= 1, "eval_exact_match", "counts >= 0")
         require(not (self.shared_prefix and self.gradient_checkpointing), "shared_prefix",
                 "false when gradient_checkpointing is true (checkpointed layers keep no key/value cache)")
-        require(0 < self.progress_every_s < 1e6, "progress_every_s", "seconds > 0")
         # a prompt and its answer must fit: 0 failed after loading the model, -1 trained on truncated rows
         require(32 <= self.max_length <= 1 << 20, "max_length", "tokens per example, 32 or more")
         require(set(self.report_to) <= {"tensorboard"}, "report_to", '[] or ["tensorboard"]')
@@ -109,105 +110,7 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """input_ids = prompt (as inference tokenizes it) + completion + EOS; prompt_len marks where loss starts."""
-    from stages.lib.task import build_completion, build_prompt
-    encoded = []
-    for ex in rows:
-        prompt = tokenizer(build_prompt(ex["text"]))["input_ids"]
-        answer = tokenizer(build_completion(ex["action"], ex["product"], ex["quantity"]),
-                           add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        encoded.append({"input_ids": (prompt + answer)[:max_length], "prompt_len": len(prompt)})
-    return encoded
-
-
-def common_prefix_len(encoded: list[dict]) -> int:
-    """Tokens every prompt starts with (the instruction), leaving at least one prompt token per example."""
-    first = encoded[0]["input_ids"]
-    length = min(ex["prompt_len"] for ex in encoded) - 1
-    for ex in encoded[1:]:
-        ids = ex["input_ids"]
-        while length and ids[:length] != first[:length]:
-            length -= 1
-    return max(length, 0)
-
-
-class Collate:
-    """Right-padded batches with labels on the completion; with a shared prefix, the prefix is split off."""
-
-    def __init__(self, pad_id: int, prefix_len: int = 0):
-        self.pad_id, self.prefix_len = pad_id, prefix_len
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-        cut = self.prefix_len
-        bodies = [f["input_ids"][cut:] for f in features]
-        width = max(len(b) for b in bodies)
-        ids = torch.full((len(bodies), width), self.pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE)
-        mask = torch.zeros_like(ids)
-        for row, (f, body) in enumerate(zip(features, bodies)):
-            ids[row, :len(body)] = torch.tensor(body)
-            mask[row, :len(body)] = 1
-            labels[row, f["prompt_len"] - cut:len(body)] = torch.tensor(body[f["prompt_len"] - cut:])
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if cut:
-            batch["prefix_ids"] = torch.tensor([features[0]["input_ids"][:cut]])
-        return batch
-
-
-@functools.lru_cache(maxsize=None)
-def cache_argument(decoder_class) -> str:
-    """transformers 5.2x renamed past_key_values to cache (argument and output); older 5.x keep the old name.
-    Looked up once per class, not on every training step."""
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
-
-
-def completion_loss(model, batch: dict):
-    """Mean cross-entropy over labelled positions; logits only where a label is."""
-    import torch
-    import torch.nn.functional as F
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, ids, mask = causal_lm.model, batch["input_ids"], batch["attention_mask"]
-    extra = {}
-    if "prefix_ids" in batch:  # the shared instruction once, its keys/values repeated for every row
-        name = cache_argument(type(decoder))
-        prefix_len = batch["prefix_ids"].shape[1]
-        cache = getattr(decoder(input_ids=batch["prefix_ids"], use_cache=True), name)
-        cache.batch_repeat_interleave(ids.shape[0])
-        extra = {name: cache, "use_cache": True,
-                 "position_ids": torch.arange(prefix_len, prefix_len + ids.shape[1], device=ids.device).expand_as(ids)}
-        mask = torch.cat([mask.new_ones(ids.shape[0], prefix_len), mask], dim=1)
-    hidden = decoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
-
-
-class EpochSeededLengthSampler:
-    """transformers' length-grouped order drawn from (seed, epoch) alone. Its own LengthGroupedSampler draws
-    from the global RNG when an epoch's iterator starts, which a resume in the middle of an epoch after the
-    first has not restored yet: the resumed run would see other batches than the uninterrupted one."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through accelerate) before each epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        import torch
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
 def make_trainer_class(meter: dict, record: dict):
-    from transformers import Trainer, TrainerCallback
 
     class RestoreAtTrainBegin(TrainerCallback):
         """The Trainer's loop resets its loss accumulators after loading a checkpoint; this runs after that."""
@@ -247,7 +150,6 @@ def make_trainer_class(meter: dict, record: dict):
 
         def restore_resume_state(self, checkpoint: Path) -> None:
             """After the Trainer's own restore (its loop resets these when it starts): as at the checkpoint."""
-            import torch
             saved = artifacts.read_json(checkpoint / RESUME_STATE)
             record.update(evaluations=saved["evaluations"], step_log=saved["step_log"],
                           train_elapsed_s=saved["train_elapsed_s"])
@@ -266,45 +168,6 @@ def make_trainer_class(meter: dict, record: dict):
     return CompletionTrainer
 
 
-def load_base(path: Path, cfg: FinetuneConfig, compute_dtype, cuda: bool):
-    """The base model with fresh LoRA adapters (4-bit base when load_in_4bit)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                                      bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit else None
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype,
-                                                 device_map="auto" if cuda else "cpu")
-    if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed frozen layers need an input that requires grad
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save or None,
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def plain_loop_tokens_per_s(model, rows: list[dict], cfg: FinetuneConfig, pad_id: int) -> dict:
-    """The yardstick: a textbook PyTorch LoRA loop (full padded sequences, the model's own loss, AdamW) over
-    the first `plain_loop_steps` batches; tokens/s over the steps after the first (warm-up)."""
-    import torch
-    collate = Collate(pad_id)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    model.train()
-    tokens, seconds = 0, 0.0
-    for step in range(cfg.plain_loop_steps + 1):
-        batch = collate(rows[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-        began = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        if step:
-            tokens, seconds = tokens + int(batch["attention_mask"].sum()), seconds + time.perf_counter() - began
-    return {"steps": cfg.plain_loop_steps, "tokens_per_s": round(tokens / seconds, 1)}
-
-
 def tensorboard_callbacks(cfg: FinetuneConfig, out: Path) -> list:
     """report_to = ["tensorboard"]: the Trainer's logged scalars (loss, learning rate, grad norm, eval loss and
     exact match) as TensorBoard events in the model's own folder, written by the pinned tensorboardX."""
@@ -315,22 +178,24 @@ def tensorboard_callbacks(cfg: FinetuneConfig, out: Path) -> list:
     return [TensorBoardCallback(SummaryWriter(logdir=str(out / "tensorboard")))]
 
 
-def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: dict, meter: dict):
-    """Exact match at each evaluation, the per-step log, step timing and progress lines, all into `record`;
-    `meter` holds the tokens and seconds of the timed steps (all but this process's first)."""
-    from transformers import TrainerCallback
-    from stages.lib.generation import exact_match_rate
+def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stack: ExitStack):
+    """Exact match at each evaluation, the per-step log and step timing, all into `record`, and the steps as
+    `cli.progress` shows every long loop (entered on `stack`, which outlives training); `meter` holds the tokens
+    and seconds of the timed steps (all but this process's first)."""
     record.update(evaluations=[], step_log=[], train_elapsed_s=0.0)
 
     class Recorder(TrainerCallback):
-        started = last_line = began = 0.0
+        started = began = 0.0
         first_step = 1
+        advance = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             # after a resume: the training time before the interrupt counts, timing starts at this process
             self.started = time.time() - record["train_elapsed_s"]
-            self.last_line = time.time()
             self.first_step = state.global_step + 1
+            self.advance = stack.enter_context(cli.progress("  training steps", state.max_steps))
+            if state.global_step:
+                self.advance(state.global_step)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.began = time.perf_counter()
@@ -341,14 +206,7 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
                 meter["seconds"] += time.perf_counter() - self.began
                 meter["tokens"] += meter["pending"]
             meter["pending"] = 0
-            if time.time() - self.last_line >= cfg.progress_every_s or state.global_step == state.max_steps:
-                self.last_line = time.time()
-                elapsed = self.last_line - self.started
-                done = state.global_step / max(state.max_steps, 1)
-                loss = next((r["loss"] for r in reversed(record["step_log"]) if "loss" in r), "–")
-                cli.console.print(f"  step {state.global_step}/{state.max_steps} · loss {loss} · "
-                                  f"{elapsed / max(state.global_step, 1):.2f} s/step · "
-                                  f"{elapsed / 60:.1f} min, ETA {elapsed / max(done, 1e-9) * (1 - done) / 60:.1f} min")
+            self.advance()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             row = {k: round(v, 6) for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm")}
@@ -370,7 +228,6 @@ def make_callbacks(tokenizer, probe: list[dict], cfg: FinetuneConfig, record: di
 
 
 def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: bool, bf16: bool):
-    from transformers import TrainingArguments
     every = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "save_strategy": "steps",
              "save_steps": cfg.eval_steps} if cfg.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
     return TrainingArguments(
@@ -387,14 +244,23 @@ def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: 
         remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
 
 
-def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict], seed: int,
-                 out: Path) -> dict:
-    import torch
-    from transformers import AutoTokenizer
+@dataclass
+class Prepared:
+    """What training one base model starts from."""
+    path: Path
+    tokenizer: object
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    prefix_len: int
+    cuda: bool
+    bf16: bool
+    compute_dtype: object
 
+
+def setup(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict]) -> Prepared:
+    """Tokenizer, encoded rows (loss on the completion), the shared instruction's length, the compute dtype."""
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
-    compute_dtype = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32
     path = weights_dir(record)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -402,42 +268,72 @@ def finetune_one(record: dict, cfg: FinetuneConfig, train: list[dict], val: list
     train_rows = encode(tokenizer, train, cfg.max_length)
     eval_rows = encode(tokenizer, val[: cfg.eval_examples or None], cfg.max_length)
     prefix_len = common_prefix_len(train_rows + eval_rows) if cfg.shared_prefix else 0
-    result: dict = {"base": record["spec"]}
-    if cfg.plain_loop_steps:
-        cli.console.print(f"  timing a plain PyTorch LoRA loop for {cfg.plain_loop_steps} steps (the yardstick)")
-        torch.manual_seed(seed)
-        result["plain_loop"] = plain_loop_tokens_per_s(load_base(path, cfg, compute_dtype, cuda), train_rows, cfg,
-                                                       tokenizer.pad_token_id)
+    compute_dtype = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32
+    return Prepared(path, tokenizer, train_rows, eval_rows, prefix_len, cuda, bf16, compute_dtype)
+
+
+def yardstick(prep: Prepared, cfg: FinetuneConfig, seed: int) -> dict:
+    """A textbook PyTorch LoRA loop (full padded sequences, the model's own loss, AdamW) on the first batches."""
+    cli.console.print(f"  timing a plain PyTorch LoRA loop for {cfg.plain_loop_steps} steps (the yardstick)")
     torch.manual_seed(seed)
-    model = load_base(path, cfg, compute_dtype, cuda)
+    rows, size = prep.train_rows, cfg.batch_size
+    batches = [rows[i * size:(i + 1) * size] for i in range(cfg.plain_loop_steps + 1)]
+    timed = timed_steps(load_base(prep.path, cfg, prep.compute_dtype, prep.cuda), batches,
+                        Collate(prep.tokenizer.pad_token_id), model_loss, cfg.learning_rate, cfg.max_grad_norm)
+    return {"steps": timed["steps"], "tokens_per_s": timed["tokens_per_s"]}
+
+
+def train(prep: Prepared, cfg: FinetuneConfig, val: list[dict], seed: int, out: Path, result: dict) -> dict:
+    """transformers' Trainer with the completion-only loss, resumed from the last complete checkpoint; returns
+    what the run measured and leaves the best model in the trainer it returns under "trainer"."""
+    torch.manual_seed(seed)
+    model = load_base(prep.path, cfg, prep.compute_dtype, prep.cuda)
     probe = val if cfg.eval_exact_match == 0 else val[: cfg.eval_exact_match]
     checkpoints = out / "checkpoints"
-    meter = {"pending": 0, "tokens": 0, "seconds": 0.0}
-    callbacks = make_callbacks(tokenizer, probe, cfg, result, meter) + tensorboard_callbacks(cfg, out)
+    meter, stack = {"pending": 0, "tokens": 0, "seconds": 0.0}, ExitStack()
+    callbacks = make_callbacks(prep.tokenizer, probe, result, meter, stack) + tensorboard_callbacks(cfg, out)
     trainer = make_trainer_class(meter, result)(
-        model=model, args=training_arguments(cfg, checkpoints, seed, cuda, bf16), train_dataset=train_rows,
-        eval_dataset=eval_rows, data_collator=Collate(tokenizer.pad_token_id, prefix_len),
-        processing_class=tokenizer, callbacks=callbacks)
+        model=model, args=training_arguments(cfg, checkpoints, seed, prep.cuda, prep.bf16),
+        train_dataset=prep.train_rows, eval_dataset=prep.eval_rows, processing_class=prep.tokenizer,
+        data_collator=Collate(prep.tokenizer.pad_token_id, prep.prefix_len), callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     if resume:
         cli.console.print(f"  resuming from {resume.name}")
-    if cuda:
+    if prep.cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.time() - started
+    with stack:
+        outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return {"trainer": trainer, "outcome": outcome, "resume": resume, "wall": time.time() - started,
+            "tokens_per_s": meter["tokens"] / max(meter["seconds"], 1e-9)}
+
+
+def save(prep: Prepared, trainer, out: Path) -> None:
+    """The best adapter and the tokenizer; the checkpoints go."""
     trainer.model.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
-    shutil.rmtree(checkpoints)
-    tokens_per_s = meter["tokens"] / max(meter["seconds"], 1e-9)
+    prep.tokenizer.save_pretrained(out / "adapter")
+    shutil.rmtree(out / "checkpoints")
+
+
+def finetune_one(record: dict, cfg: FinetuneConfig, train_split: list[dict], val: list[dict], seed: int,
+                 out: Path) -> dict:
+    """The recipe for one base model: set up, time the yardstick, train, save; returns its history."""
+    prep = setup(record, cfg, train_split, val)
+    result: dict = {"base": record["spec"]}
+    if cfg.plain_loop_steps:
+        result["plain_loop"] = yardstick(prep, cfg, seed)
+    run = train(prep, cfg, val, seed, out, result)
+    trainer, resume = run["trainer"], run["resume"]
+    save(prep, trainer, out)
     result.update({
-        "resumed_from": resume.name if resume else None, "shared_prefix_tokens": prefix_len,
+        "resumed_from": resume.name if resume else None, "shared_prefix_tokens": prep.prefix_len,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
-        "best_eval_loss": trainer.state.best_metric, "train_loss": round(outcome.training_loss, 5),
-        "steps": trainer.state.global_step, "wall_s": round(wall, 1), "train_tokens_per_s": round(tokens_per_s, 1),
+        "best_eval_loss": trainer.state.best_metric, "train_loss": round(run["outcome"].training_loss, 5),
+        "steps": trainer.state.global_step, "wall_s": round(run["wall"], 1),
+        "train_tokens_per_s": round(run["tokens_per_s"], 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
-        "compute_dtype": str(compute_dtype).replace("torch.", ""), "device": "cuda" if cuda else "cpu",
+        "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20) if prep.cuda else None,
+        "compute_dtype": str(prep.compute_dtype).replace("torch.", ""), "device": "cuda" if prep.cuda else "cpu",
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)})
     if "plain_loop" in result:
         result["vs_plain_loop"] = round(result["train_tokens_per_s"] / result["plain_loop"]["tokens_per_s"], 3)
