@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.lib.backends import GGUFBackend  # noqa: E402
 from stages.lib.catalog import run_catalog  # noqa: E402
 from stages.lib.task import build_prompt, is_valid, parse_output, read_split  # noqa: E402
 
@@ -29,7 +31,6 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     from llama_cpp import Llama, LlamaGrammar
-    from stages.lib.backends import GGUFBackend
     folder = args.run / "gguf" / (args.model or sorted(d.name for d in (args.run / "gguf").iterdir() if d.is_dir())[0])
     path = folder / f"model-{args.type}.gguf"
     texts = [ex["text"] for ex in read_split(args.run, "test")[: args.n]]

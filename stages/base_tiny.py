@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
 from stages.lib.cli import console
 from stages.lib.config import require
-from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
+from stages.lib.generation import exact_match_rate
 from stages.lib.task import INSTRUCTION, format_answer
 
 @dataclass
@@ -172,7 +173,6 @@ def build_tiny(cfg, train: list[dict], val: list[dict], seed: int, out: Path, ca
     import torch
     from rich.progress import Progress
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from stages.lib.generation import exact_match_rate
     torch.manual_seed(seed)
     rng = random.Random(seed)
     corpus = build_corpus(train, cfg.tiny, rng, catalog)

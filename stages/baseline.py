@@ -28,10 +28,13 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.lib import artifacts, cli, registry
-from stages.lib.api_client import ApiSettings
+from stages.lib.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
+from stages.lib.backends import TransformersBackend
+from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
+from stages.lib.metrics import score, summarize
 from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
-from stages.lib.task import read_split
+from stages.lib.task import ANSWER_TOKENS, build_prompt, read_split
 
 PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
 
@@ -82,7 +85,6 @@ def open_weight_path(spec: str, run_dir: Path) -> Path:
 
 
 def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConfig):
-    from stages.lib.backends import TransformersBackend
     backend = TransformersBackend.load(path)
     began = time.perf_counter()
     with cli.progress(f"{spec} answers", len(prompts)) as advance:
@@ -91,8 +93,6 @@ def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConf
 
 
 def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
-    from stages.lib.api_client import OpenAICompatible
-    from stages.lib.task import ANSWER_TOKENS
     client = OpenAICompatible(model, cfg.api, cache, "baseline.api.max_requests",
                               log=lambda line: cli.console.print(Text(line, style="yellow")))
     began = time.perf_counter()
@@ -110,10 +110,6 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    from stages.lib.api_client import ApiUnavailable, ResponseCache
-    from stages.lib.catalog import run_catalog
-    from stages.lib.metrics import score, summarize
-    from stages.lib.task import build_prompt
     train = read_split(run_dir, "train")
     examples = read_split(run_dir, "test")[: cfg.limit or None]
     shots = pick_shots(train, cfg.shots, cfg.shot_seed)

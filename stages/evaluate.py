@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.lib import artifacts, cli, registry
+from stages.lib.backends import GGUFBackend, GPTQBackend, TransformersBackend
+from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
+from stages.lib.metrics import mcnemar, score, summarize
 from stages.lib.models import quantization_sources
+from stages.lib.task import BadExamples, build_prompt, numbered_examples, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "llama-cpp-python"]
 DECODING = ("free", "constrained")
@@ -48,8 +52,6 @@ class EvaluateConfig:
 def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
     """The run's test split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
     with id, lang and noise filled in where a hand-written file leaves them out."""
-    from stages.lib.catalog import run_catalog
-    from stages.lib.task import BadExamples, numbered_examples, read_split
     if data_path is None:
         numbered = list(enumerate(read_split(run_dir, "test"), 1))
     else:
@@ -77,7 +79,6 @@ def variants(run_dir: Path) -> dict[str, dict]:
 
 
 def load_backend(kind: str, path: Path, threads: int):
-    from stages.lib.backends import GGUFBackend, GPTQBackend, TransformersBackend
     if kind == "gguf":
         return GGUFBackend(path, n_threads=threads or None)
     return GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path)
@@ -119,9 +120,6 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
                                PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    from stages.lib.catalog import run_catalog
-    from stages.lib.metrics import mcnemar, score, summarize
-    from stages.lib.task import build_prompt
     examples = load_examples(run_dir, data_path if args.data else None)[: cfg.limit or None]
     prompts = [build_prompt(ex["text"]) for ex in examples]
     products = run_catalog(run_dir).names

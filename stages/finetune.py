@@ -34,9 +34,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
 from stages.lib.generation import exact_match_rate
@@ -111,6 +108,8 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def make_trainer_class(meter: dict, record: dict):
+    import torch
+    from transformers import Trainer, TrainerCallback
 
     class RestoreAtTrainBegin(TrainerCallback):
         """The Trainer's loop resets its loss accumulators after loading a checkpoint; this runs after that."""
@@ -182,6 +181,7 @@ def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stac
     """Exact match at each evaluation, the per-step log and step timing, all into `record`, and the steps as
     `cli.progress` shows every long loop (entered on `stack`, which outlives training); `meter` holds the tokens
     and seconds of the timed steps (all but this process's first)."""
+    from transformers import TrainerCallback
     record.update(evaluations=[], step_log=[], train_elapsed_s=0.0)
 
     class Recorder(TrainerCallback):
@@ -228,6 +228,7 @@ def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stac
 
 
 def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: bool, bf16: bool):
+    from transformers import TrainingArguments
     every = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "save_strategy": "steps",
              "save_steps": cfg.eval_steps} if cfg.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
     return TrainingArguments(
@@ -259,6 +260,8 @@ class Prepared:
 
 def setup(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict]) -> Prepared:
     """Tokenizer, encoded rows (loss on the completion), the shared instruction's length, the compute dtype."""
+    import torch
+    from transformers import AutoTokenizer
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     path = weights_dir(record)
@@ -274,6 +277,7 @@ def setup(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict])
 
 def yardstick(prep: Prepared, cfg: FinetuneConfig, seed: int) -> dict:
     """A textbook PyTorch LoRA loop (full padded sequences, the model's own loss, AdamW) on the first batches."""
+    import torch
     cli.console.print(f"  timing a plain PyTorch LoRA loop for {cfg.plain_loop_steps} steps (the yardstick)")
     torch.manual_seed(seed)
     rows, size = prep.train_rows, cfg.batch_size
@@ -286,6 +290,7 @@ def yardstick(prep: Prepared, cfg: FinetuneConfig, seed: int) -> dict:
 def train(prep: Prepared, cfg: FinetuneConfig, val: list[dict], seed: int, out: Path, result: dict) -> dict:
     """transformers' Trainer with the completion-only loss, resumed from the last complete checkpoint; returns
     what the run measured and leaves the best model in the trainer it returns under "trainer"."""
+    import torch
     torch.manual_seed(seed)
     model = load_base(prep.path, cfg, prep.compute_dtype, prep.cuda)
     probe = val if cfg.eval_exact_match == 0 else val[: cfg.eval_exact_match]
@@ -318,6 +323,7 @@ def save(prep: Prepared, trainer, out: Path) -> None:
 def finetune_one(record: dict, cfg: FinetuneConfig, train_split: list[dict], val: list[dict], seed: int,
                  out: Path) -> dict:
     """The recipe for one base model: set up, time the yardstick, train, save; returns its history."""
+    import torch
     prep = setup(record, cfg, train_split, val)
     result: dict = {"base": record["spec"]}
     if cfg.plain_loop_steps:

@@ -12,6 +12,7 @@ import re
 import unicodedata
 
 from stages.lib import cli
+from stages.lib.api_client import ApiUnavailable, OpenAICompatible, ResponseCache
 from stages.lib.catalog import NUMBER_WORDS, Catalog
 from stages.lib.task import text_key
 
@@ -162,7 +163,6 @@ def rewrite_with_llm(examples: list[dict], indices: list[int], cfg, catalog: Cat
     template text (counted as a fallback). Raises api_client.ApiUnavailable when the endpoint or the budget
     gives out: every answer received so far is in the cache, so a rerun resumes there.
     """
-    from stages.lib.api_client import OpenAICompatible, ResponseCache
     client = OpenAICompatible(cfg.llm_model, cfg.api, ResponseCache(cache_path), "generate.api.max_requests", log=log)
     for ex in examples:
         ex.setdefault("source", "template")
@@ -208,7 +208,6 @@ def run_backend(examples: list[dict], cfg, catalog: Catalog, cache_path, log) ->
 
     None (after one clear line) when the endpoint or the request budget gives out.
     """
-    from stages.lib.api_client import ApiUnavailable
     n = len(examples)
     if cfg.backend == "llm":
         indices = list(range(n))

@@ -26,11 +26,12 @@ from rich.text import Text
 
 from stages.gguf_bundle import write_bundle
 from stages.lib import artifacts, cli, registry
+from stages.lib.backends import GGUFBackend, TransformersBackend, agreement
 from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
 from stages.lib.models import count_parameters, quantization_sources
-from stages.lib.task import read_split
+from stages.lib.task import build_prompt, read_split
 
 PACKAGES = ["llama-cpp-python", "torch", "transformers", "sentencepiece", "numpy"]
 # What llama.cpp makes without an importance matrix (IQ1/IQ2 and Q2_K_S need one; TQ and FP4 types are
@@ -94,7 +95,6 @@ def quantize(f16: Path, out_file: Path, type_name: str, threads: int, log: Path)
 
 def build_one(source: dict, cfg: GGUFConfig, probe: list[str], out: Path) -> dict:
     from rich.progress import Progress
-    from stages.lib.backends import GGUFBackend, TransformersBackend, agreement
     out.mkdir(parents=True)
     threads = cfg.threads or os.cpu_count()
     parameters = count_parameters(Path(source["path"]))
@@ -153,7 +153,6 @@ def run(run_cfg, cfg: GGUFConfig, args) -> int:
     if cli.already_done(stage, args):
         return 0
     import llama_cpp
-    from stages.lib.task import build_prompt
     val = read_split(run_dir, "val")
     probe = [build_prompt(ex["text"]) for ex in val[: cfg.parity_prompts]]
     out = stage.fresh_tmp()

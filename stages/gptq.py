@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import artifacts, cli, registry
+from stages.lib.backends import GPTQBackend, TransformersBackend, agreement
 from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
 from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
-from stages.lib.task import read_split
+from stages.lib.task import build_completion, build_prompt, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "optimum", "safetensors"]
 
@@ -56,7 +57,6 @@ class GPTQConfig:
 
 def calibration_texts(train: list[dict], per_language: int, seed: int) -> tuple[list[str], dict[str, int]]:
     """Language-balanced prompt+completion texts, the format the model was fine-tuned on."""
-    from stages.lib.task import build_completion, build_prompt
     rng = random.Random(seed)
     texts, counts = [], {}
     for lang in sorted({ex["lang"] for ex in train}):
@@ -71,7 +71,6 @@ def calibration_texts(train: list[dict], per_language: int, seed: int) -> tuple[
 def quantize_one(source: dict, cfg: GPTQConfig, texts: list[str], probe: list[str], out: Path) -> dict:
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
-    from stages.lib.backends import GPTQBackend, TransformersBackend, agreement
 
     record = {"source": source["kind"], "bits": cfg.bits, "group_size": cfg.group_size,
               "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -131,7 +130,6 @@ def run(run_cfg, cfg: GPTQConfig, args) -> int:
                                artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
-    from stages.lib.task import build_prompt
     train = read_split(run_dir, "train")
     val = read_split(run_dir, "val")
     texts, per_language = calibration_texts(train, cfg.calibration_per_language, cfg.calibration_seed)

@@ -21,8 +21,9 @@ from rich.text import Text
 from stages.lib import artifacts, cli, registry
 from stages.lib.cards import card, model_meta, model_origin
 from stages.lib.config import as_dict, require
+from stages.lib.generation import exact_match_rate, greedy_generate
 from stages.lib.models import base_models, weights_dir
-from stages.lib.task import chat_template, read_split
+from stages.lib.task import build_prompt, chat_template, read_split
 
 PACKAGES = ["torch", "transformers", "peft", "safetensors"]
 
@@ -71,8 +72,6 @@ def merge_one(record: dict, adapter_dir: Path, history: dict, cfg: MergeConfig, 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from stages.lib.generation import exact_match_rate, greedy_generate
-    from stages.lib.task import build_prompt
 
     cuda = torch.cuda.is_available()
     save_dtype = getattr(torch, cfg.dtype)

@@ -16,6 +16,8 @@ import json
 import sys
 
 from stages.lib import cli
+from stages.lib.backends import GGUFBackend
+from stages.lib.catalog import run_catalog
 from stages.lib.intent import IntentModel, ServeConfig, gguf_path
 
 
@@ -30,8 +32,6 @@ def emit(answer: dict) -> None:
 
 
 def predict(run, cfg: ServeConfig, args) -> int:
-    from stages.lib.backends import GGUFBackend
-    from stages.lib.catalog import run_catalog
     model = IntentModel(GGUFBackend(gguf_path(run, cfg), n_ctx=cfg.n_ctx, n_threads=cfg.threads or None),
                         cfg.max_text_chars, run_catalog(run.run_dir).names)
     lines = sys.stdin.buffer if args.text in (None, "-") else [args.text.encode("utf-8", "surrogatepass")]

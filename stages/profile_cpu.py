@@ -31,10 +31,13 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.lib import artifacts, cli, hardware, registry
+from stages.lib.backends import GGUFBackend, answer_schema
 from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
-from stages.lib.constrained import Stepper
-from stages.lib.task import read_split
+from stages.lib.constrained import Stepper, common_prefix, decode
+from stages.lib.llama_cpp_tools import weights_read_per_token
+from stages.lib.llama_internals import context, last_logits
+from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["llama-cpp-python", "numpy", "psutil"]
 MODES = ("naive", "prefix_cached", "prefix_cached_constrained")
@@ -70,7 +73,6 @@ class ProfileCPUConfig:
 def _free_request(llm, tokens: list[int], keep: int, fixed: int, max_tokens: int) -> dict:
     """Greedy answer with per-phase times; `keep` tokens of KV state are reused, `fixed` > 0 forces a length."""
     import numpy as np
-    from stages.lib.llama_internals import last_logits
     eos = llm.token_eos()
 
     def next_token() -> int:
@@ -114,8 +116,6 @@ class _TimedStepper(Stepper):
 
 
 def _constrained_request(backend, stepper, prompt: str, products: list[str]) -> dict:
-    from stages.lib.backends import answer_schema
-    from stages.lib.constrained import common_prefix, decode
     llm, tokens = backend.llm, stepper.tokenize(prompt)
     keep = min(common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens), len(tokens) - 1)
     stepper.calls = []
@@ -151,7 +151,6 @@ def _plain_reference(llm, prompt_tokens: list[int], new_tokens: int, repeats: in
     (decode = tokens after the first over the time after the first; the median run), and llama.cpp's perf
     counters (compute only, no Python) for the same call."""
     import llama_cpp
-    from stages.lib.llama_internals import context
     runs = []
     for _ in range(repeats):
         llm.reset()
@@ -175,8 +174,6 @@ def worker(spec_file: Path) -> int:
     spec = json.loads(spec_file.read_text())
     with hardware.PeakRSS() as memory:
         rss_before = memory.now()
-        from stages.lib.backends import GGUFBackend
-        from stages.lib.constrained import common_prefix
         began = time.perf_counter()
         backend = GGUFBackend(Path(spec["path"]), n_ctx=spec["n_ctx"], n_threads=spec["threads"])
         load_s = time.perf_counter() - began
@@ -228,7 +225,6 @@ def worker(spec_file: Path) -> int:
 def median_answer_tokens_gguf(gguf_file: Path, examples: list[dict]) -> int:
     """The test split's median answer length in this model's tokens (the shape twin's fixed length)."""
     from llama_cpp import Llama
-    from stages.lib.task import median_answer_tokens
     llm = Llama(str(gguf_file), vocab_only=True, verbose=False)
     return median_answer_tokens(examples, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
 
@@ -236,7 +232,6 @@ def median_answer_tokens_gguf(gguf_file: Path, examples: list[dict]) -> int:
 def variant_rows(slug: str, type_name: str, model: dict, path: Path, fixed: int, result: dict,
                  bandwidth: dict) -> list[dict]:
     """One row per decoding mode of one variant's worker result, with its share of the memory bandwidth."""
-    from stages.lib.llama_cpp_tools import weights_read_per_token
     weights = weights_read_per_token(path)
     naive = result["modes"].get("naive") or next(iter(result["modes"].values()))
     rows = []
@@ -278,7 +273,6 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     if cli.already_done(stage, args):
         return 0
     import llama_cpp
-    from stages.lib.task import ANSWER_TOKENS, build_prompt
     test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
     products = run_catalog(run_dir).names

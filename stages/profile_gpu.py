@@ -29,9 +29,10 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.lib import artifacts, cli, hardware, registry
+from stages.lib.backends import GPTQBackend, TransformersBackend
 from stages.lib.config import as_dict, require
 from stages.lib.models import quantization_sources
-from stages.lib.task import read_split
+from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "bitsandbytes", "nvidia-ml-py"]
 VARIANTS = ("fp16", "gptq", "nf4")
@@ -92,7 +93,6 @@ class Energy:
 
 def load_variant(variant: str, path: str):
     import torch
-    from stages.lib.backends import GPTQBackend, TransformersBackend
     if variant == "gptq":
         return GPTQBackend.load(Path(path))
     if variant == "fp16":
@@ -206,7 +206,6 @@ def gpu_facts() -> dict:
 def median_answer_tokens_hf(tokenizer_dir: str, examples: list[dict]) -> int:
     """The test split's median answer length in this model's tokens (the shape twin's fixed length)."""
     from transformers import AutoTokenizer
-    from stages.lib.task import median_answer_tokens
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return median_answer_tokens(examples, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
 
@@ -230,7 +229,6 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
         stage.publish()
         cli.console.print(Text.assemble(("profile-gpu skipped", "yellow"), f": {reason}"))
         return 0
-    from stages.lib.task import ANSWER_TOKENS, build_prompt
     test = read_split(run_dir, "test")
     prompts = [build_prompt(test[i % len(test)]["text"]) for i in range(cfg.requests)]
     gpu = gpu_facts()

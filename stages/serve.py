@@ -46,6 +46,7 @@ from stages.lib.child import ChildFailed
 from stages.lib.config import ConfigError
 from stages.lib.intent import IntentModel, IntentRules, ServeConfig, gguf_path
 from stages.lib.llama_cpp_tools import ToolsMissing
+from stages.lib.llama_internals import server_llama
 from stages.lib.task import answer_gbnf, answer_json_schema
 from stages.serve_llama_server import IntentDecoder, LlamaServer, ServerFailed
 
@@ -235,7 +236,6 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     from fastapi.concurrency import run_in_threadpool
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
-    from stages.lib.llama_internals import server_llama
 
     threads = cfg.threads or None
     model = ModelSettings(model=str(path), model_alias=alias(path, cfg), n_ctx=cfg.n_ctx, verbose=False,

@@ -39,6 +39,15 @@ def test_no_function_is_longer_than_a_screen(path):
     assert not long
 
 
+@pytest.mark.parametrize("path", sorted([*STAGES.rglob("*.py"), *(STAGES.parent / "scripts").glob("*.py")]),
+                         ids=lambda p: p.name)
+def test_the_top_of_a_file_names_the_project_modules_it_uses(path):
+    inner = [f"line {node.lineno}: {node.module or '.'}" for function in ast.walk(tree(path))
+             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(function)
+             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("stages"))]
+    assert not inner, f"imports of project modules inside functions (move them to the top): {inner}"
+
+
 def imported_stage_files(path: Path) -> set[Path]:
     """The files directly under stages/ that path imports."""
     return {p for p in artifacts.imported_modules(tree(path), path.parent) if p.parent == STAGES and p.is_file()}

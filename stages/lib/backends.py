@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import constrained as schema_decoding
 from . import llama_internals
+from .catalog import load_catalog
 from .task import ANSWER_TOKENS, Completion
 
 
@@ -41,7 +42,6 @@ def constrained_generate(backend, prompts: list[str], products: list[str], on_do
 
 def default_products() -> list[str]:
     """The shipped catalog's products, for callers that name no run."""
-    from .catalog import load_catalog
     return load_catalog().names
 
 

@@ -6,16 +6,19 @@ also times each batch and shares the constrained decoder with the GGUF back end.
 """
 from __future__ import annotations
 
-import torch
-
 from .task import ANSWER_TOKENS, build_prompt, exact_match, parse_output
 
 
-@torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS,
                     batch_size: int = 32, on_done=None) -> list[str]:
     """Greedy continuations of prompts, decoded without special tokens. Stops at EOS or a closed object.
-    on_done(n) after each batch of n (progress)."""
+    on_done(n) after each batch of n (progress). torch is imported here: importing this module stays instant."""
+    import torch
+    with torch.inference_mode():
+        return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, on_done)
+
+
+def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, on_done) -> list[str]:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

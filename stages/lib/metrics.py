@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+from .task import exact_match, field_matches, is_valid, parse_output
+
 QUANTITY_BUCKETS = ((1, 1, "1"), (2, 4, "2-4"), (5, 10, "5-10"), (11, 20, "11-20"), (21, 10**9, "21+"))
 
 
@@ -54,7 +56,6 @@ def confusions(rows: list[dict], top: int = 10) -> list[dict]:
 
 def score(examples: list[dict], answers, catalog_names: set[str]) -> list[dict]:
     """One prediction row per example: the raw answer, what parses from it, and every correctness flag."""
-    from .task import exact_match, field_matches, is_valid, parse_output
     rows = []
     for ex, answer in zip(examples, answers, strict=True):
         parsed = parse_output(answer.text)

@@ -1,5 +1,6 @@
 """Fine-tuning pieces: the encoded rows, batches with labels on the completion, the completion-only loss with a
 shared instruction prefix, the seeded length-grouped order, the LoRA model, and the timed-steps yardstick.
+torch, transformers and peft are imported where used: a stage's --help and config errors stay instant.
 
 `stages/finetune.py` builds its recipe from these; `scripts/bench_finetune.py` times them one by one.
 """
@@ -9,12 +10,6 @@ import functools
 import inspect
 import time
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .task import build_completion, build_prompt
 
@@ -51,6 +46,7 @@ class Collate:
         self.pad_id, self.prefix_len = pad_id, prefix_len
 
     def __call__(self, features: list[dict]) -> dict:
+        import torch
         cut = self.prefix_len
         bodies = [f["input_ids"][cut:] for f in features]
         width = max(len(b) for b in bodies)
@@ -76,6 +72,8 @@ def cache_argument(decoder_class) -> str:
 
 def completion_loss(model, batch: dict):
     """Mean cross-entropy over labelled positions; logits only where a label is."""
+    import torch
+    import torch.nn.functional as F
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, ids, mask = causal_lm.model, batch["input_ids"], batch["attention_mask"]
     extra = {}
@@ -109,12 +107,16 @@ class EpochSeededLengthSampler:
         return len(self.lengths)
 
     def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 def load_base(path: Path, cfg, compute_dtype, cuda: bool):
     """The base model with fresh LoRA adapters (4-bit base when load_in_4bit); cfg: finetune's config."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                       bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit else None
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype,
@@ -138,6 +140,7 @@ def timed_steps(model, batches: list[list[dict]], collate, loss_fn, learning_rat
                 max_grad_norm: float) -> dict:
     """Forward, backward, clipping and an AdamW step over each batch; tokens (no padding) per second and seconds
     per step over every step after the first (it allocates and warms up)."""
+    import torch
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
