@@ -34,6 +34,7 @@ from stages.lib.catalog import run_catalog
 from stages.lib.config import as_dict, require
 from stages.lib.metrics import score, summarize
 from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
+from stages.lib.records import BaselineRow, checked
 from stages.lib.task import ANSWER_TOKENS, build_prompt, read_split
 
 PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
@@ -129,11 +130,11 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
                 answers, extra = run_open_weight(name, open_weight_path(name, run_dir), prompts, cfg)
         except (RuntimeError, ApiUnavailable) as err:
             cli.console.print(Text.assemble(("skipped ", "yellow"), f"{name}: {err}"))
-            rows.append({"model": name, "kind": kind, "skipped": str(err)})
+            rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": cfg.shots, "skipped": str(err)}))
             continue
         scored = score(examples, answers, catalog_names)
         artifacts.write_jsonl(out / "predictions" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl", scored)
-        rows.append({"model": name, "kind": kind, "shots": cfg.shots, **summarize(scored), **extra})
+        rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": cfg.shots, **summarize(scored), **extra}))
     artifacts.write_json(out / "results.json", {"shots": [ex["id"] for ex in shots], "examples": len(examples),
                                                 "rows": rows})
     stage.results.update(examples=len(examples), shot_ids=[ex["id"] for ex in shots],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import ConfigError, is_run_name
+from stages.lib.records import EvalRow, read_rows
 from stages.lib.render import fmt, render, write_csv_tables
 
 
@@ -35,7 +36,7 @@ def flat_config(manifests: dict[str, dict]) -> dict[str, object]:
 def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
     """A run's evaluation rows (by variant without the model slug, and decoding) and naive CPU rows by host,
     from the finished folders `manifests` names."""
-    rows = artifacts.read_json(run_dir / "eval" / "results.json")["rows"]
+    rows = read_rows(run_dir / "eval" / "results.json", EvalRow)
     scored = {(r["variant"].split("/", 1)[-1], r["decoding"]): r for r in rows if "skipped" not in r}
     cpu = {}
     for folder in sorted(f for f in manifests if f.startswith("profiles/") and f.endswith("/cpu")):

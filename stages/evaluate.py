@@ -27,6 +27,7 @@ from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.metrics import mcnemar, score, summarize
 from stages.lib.models import quantization_sources
+from stages.lib.records import EvalRow, checked
 from stages.lib.task import BadExamples, build_prompt, numbered_examples, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "llama-cpp-python"]
@@ -128,7 +129,7 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     rows, reference = [], {}
     for name, variant in variants(run_dir).items():
         if "skipped" in variant:
-            rows.append({"variant": name, "skipped": variant["skipped"]})
+            rows.append(checked(EvalRow, {"variant": name, "skipped": variant["skipped"]}))
             continue
         cli.console.rule(f"{name} ({variant['kind']})")
         backend = load_backend(variant["kind"], variant["path"], cfg.threads)
@@ -141,7 +142,7 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
             row = {"variant": name, "model": slug, "backend": variant["kind"], "decoding": mode,
                    "kernel": getattr(backend, "kernel", None), **summarize(scored), **speed,
                    "mcnemar_vs_fp16": mcnemar(reference[slug], [r["correct"] for r in scored])}
-            rows.append(row)
+            rows.append(checked(EvalRow, row))
             cli.console.print(f"{name} {mode}: exact match {row['exact_match']:.3f} {row['exact_match_ci95']}, "
                               f"valid {row['json_valid']:.3f}, {row['examples_per_s']} ex/s")
         if hasattr(backend, "close"):

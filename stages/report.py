@@ -21,10 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.render import fmt, render, write_csv_tables
 from stages import report_figures as figures
+from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
+from stages.lib.records import BaselineRow, EvalRow, read_rows
+from stages.lib.render import fmt, render, write_csv_tables
 
 PACKAGES = ["matplotlib"]
 
@@ -56,9 +57,11 @@ def gb(value) -> float | None:
 
 def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
     """Everything the report shows, read from the finished folders `manifests` names (its fingerprint)."""
-    data = {"eval": artifacts.read_json(run_dir / "eval" / "results.json"),
-            "baseline": artifacts.read_json(run_dir / "baseline" / "results.json"),
-            "other_sets": {folder.removeprefix("eval-"): artifacts.read_json(run_dir / folder / "results.json")
+    def results(folder: str, record: type) -> dict:
+        path = run_dir / folder / "results.json"
+        return {**artifacts.read_json(path), "rows": read_rows(path, record)}
+    data = {"eval": results("eval", EvalRow), "baseline": results("baseline", BaselineRow),
+            "other_sets": {folder.removeprefix("eval-"): results(folder, EvalRow)
                            for folder in manifests if folder.startswith("eval-")},
             "manifests": dict(manifests), "cpu": [], "gpu": [], "serve": [], "serve_ratios": [], "hosts": {},
             "gpu_skipped": {}, "bandwidth": {}}

@@ -4,6 +4,7 @@ import re
 
 from conftest import stage
 from stages.lib.artifacts import sha256_file
+from stages.lib.records import BaselineRow, EvalRow, checked
 
 EM = {"fp16": 0.91, "gptq": 0.90, "gguf-f16": 0.91, "gguf-Q5_K_M": 0.93, "gguf-Q4_K_M": 0.925, "gguf-Q3_K_M": 0.922}
 SIZES = {"F16": 8_000_000, "Q5_K_M": 3_000_000, "Q4_K_M": 2_500_000, "Q3_K_M": 2_100_000}
@@ -26,13 +27,21 @@ def manifest(folder, stage_name, results=None, runner=None):
                                      "finished": "2026-11-28T12:00:00+0000", "wall_s": 1.5})
 
 
-def eval_row(variant, decoding, em):
-    return {"variant": f"tiny/{variant}", "model": "tiny", "decoding": decoding, "exact_match": em,
-            "exact_match_ci95": [round(em - 0.02, 4), round(em + 0.02, 4)], "json_valid": 1.0,
-            "mcnemar_vs_fp16": {"p_value": 0.5, "significant_at_0.05": False, "only_reference_correct": 3,
-                                "only_candidate_correct": 2},
+def scores(em):
+    return {"n": 20, "exact_match": em, "exact_match_ci95": [round(em - 0.02, 4), round(em + 0.02, 4)],
+            "json_valid": 1.0, "field_accuracy": {"action": 1.0, "product": em, "quantity": em},
             "by_language": {"en": {"n": 10, "exact_match": em}, "hr": {"n": 10, "exact_match": em - 0.1}},
-            "by_noise": {"typo": {"n": 5, "exact_match": em - 0.2}, "none": {"n": 15, "exact_match": em}}}
+            "by_noise": {"typo": {"n": 5, "exact_match": em - 0.2}, "none": {"n": 15, "exact_match": em}},
+            "by_quantity": {"1": {"n": 20, "exact_match": em}}, "top_confusions": []}
+
+
+def eval_row(variant, decoding, em):
+    return checked(EvalRow, {
+        "variant": f"tiny/{variant}", "model": "tiny", "backend": variant.split("-")[0], "decoding": decoding,
+        "kernel": None, "examples_per_s": 10.0, "wall_s": 2.0, "generated_tokens_per_answer": 14.0,
+        "model_calls_per_answer": 14.0, **scores(em),
+        "mcnemar_vs_fp16": {"p_value": 0.5, "significant_at_0.05": False, "only_reference_correct": 3,
+                            "only_candidate_correct": 2}})
 
 
 def cpu_rows(scale):
@@ -60,9 +69,9 @@ def build_run(root):
     write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}]})
     manifest(run / "eval", "evaluate")
     write(run / "baseline" / "results.json", {"rows": [
-        {"model": "tiny", "kind": "open-weight", "shots": 3, "exact_match": 0.05, "exact_match_ci95": [0.01, 0.1],
-         "json_valid": 0.2},
-        {"model": "gpt-4.1", "kind": "api", "shots": 3, "skipped": "OPENAI_API_KEY is not set"}]})
+        checked(BaselineRow, {"model": "tiny", "kind": "open-weight", "shots": 3, "examples_per_s": 4.0,
+                              **scores(0.05), "exact_match_ci95": [0.01, 0.1], "json_valid": 0.2}),
+        checked(BaselineRow, {"model": "gpt-4.1", "kind": "api", "shots": 3, "skipped": "OPENAI_API_KEY is not set"})]})
     manifest(run / "baseline", "baseline")
     write(run / "eval-realistic" / "results.json", {"examples": 180, "rows": [eval_row("fp16", "free", 0.88)]})
     manifest(run / "eval-realistic", "evaluate")

@@ -1,0 +1,84 @@
+"""The rows a stage writes into its results.json and the report and compare read: one declaration each.
+
+The writing stage passes every row through `checked` before writing, the reader reads through `read_rows`, and the
+test fixtures build their rows through `checked` too, so a renamed or dropped field fails a test instead of
+breaking a real report. A row is a plain dict (JSON as written); the TypedDicts say which keys it must and may hold
+(no `from __future__ import annotations` here: TypedDict reads NotRequired from evaluated annotations).
+"""
+from pathlib import Path
+from typing import NotRequired, TypedDict
+
+from .artifacts import MissingArtifact, read_json
+
+
+class Scores(TypedDict):
+    """Every metric of one variant over its predictions (metrics.summarize)."""
+    n: int
+    exact_match: float
+    exact_match_ci95: list[float]
+    json_valid: float
+    field_accuracy: dict[str, float]
+    by_language: dict[str, dict]
+    by_noise: dict[str, dict]
+    by_quantity: dict[str, dict]
+    top_confusions: list
+
+
+class EvalRow(Scores):
+    """One variant and decoding of `evaluate` (eval/results.json, eval-<set>/results.json)."""
+    variant: str                        # <model slug>/<fp16 | gptq | gguf-<type>>
+    model: str
+    backend: str
+    decoding: str                       # free | constrained
+    kernel: str | None
+    examples_per_s: float
+    wall_s: float
+    generated_tokens_per_answer: float
+    model_calls_per_answer: float | None
+    mcnemar_vs_fp16: dict
+    batch1_examples_per_s: NotRequired[float]
+    batch1_identical: NotRequired[float]
+    batched_speedup: NotRequired[float]
+    constrained_minus_free: NotRequired[float]
+
+
+class BaselineRow(Scores):
+    """One model of `baseline`, prompted k-shot (baseline/results.json)."""
+    model: str
+    kind: str                           # open-weight | api
+    shots: int
+    examples_per_s: float
+    endpoint: NotRequired[str]          # API models: where they were asked, and how often
+    requests: NotRequired[int]
+    retries: NotRequired[int]
+    cache_hits: NotRequired[int]
+
+
+class SkippedRow(TypedDict):
+    """A model or variant a stage could not measure here, and why."""
+    skipped: str
+    model: NotRequired[str]
+    variant: NotRequired[str]
+    kind: NotRequired[str]
+    shots: NotRequired[int]
+
+
+def checked(record: type, row: dict, where: str = "a row") -> dict:
+    """row itself when it holds every key `record` requires and none it does not declare; a row with `skipped`
+    is checked as a SkippedRow. ValueError (a defect in the writer, or a fixture out of date) otherwise."""
+    record = SkippedRow if "skipped" in row else record
+    required, known = record.__required_keys__, record.__required_keys__ | record.__optional_keys__
+    missing, unknown = sorted(required - row.keys()), sorted(row.keys() - known)
+    if missing or unknown:
+        raise ValueError(f"{where}: does not match {record.__name__} (missing {missing}, undeclared {unknown})")
+    return row
+
+
+def read_rows(path: Path, record: type) -> list[dict]:
+    """The rows of a results.json, each checked against `record` (MissingArtifact naming the file if one is not:
+    a run written by another version of this code)."""
+    rows = read_json(path)["rows"]
+    try:
+        return [checked(record, row, f"{path} row {i}") for i, row in enumerate(rows, 1)]
+    except ValueError as err:
+        raise MissingArtifact(f"{err}: rerun the stage that wrote it with FORCE=1") from None
