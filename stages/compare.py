@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import ConfigError, is_run_name
-from stages.lib.records import EvalRow, read_rows
+from stages.lib.records import CpuRow, EvalRow, read_rows
 from stages.lib.render import fmt, render, write_csv_tables
 
 
@@ -40,7 +40,7 @@ def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
     scored = {(r["variant"].split("/", 1)[-1], r["decoding"]): r for r in rows if "skipped" not in r}
     cpu = {}
     for folder in sorted(f for f in manifests if f.startswith("profiles/") and f.endswith("/cpu")):
-        for row in artifacts.read_json(run_dir / folder / "results.json")["rows"]:
+        for row in read_rows(run_dir / folder / "results.json", CpuRow):
             if row.get("mode") == "naive":
                 cpu[(folder.split("/")[1], row["variant"])] = row
     return {"eval": scored, "cpu": cpu, "config": flat_config(manifests),

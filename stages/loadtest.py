@@ -36,6 +36,7 @@ from stages.lib import artifacts, cli, hardware, registry
 from stages.lib.child import Child, free_port
 from stages.lib.config import as_dict, load_stage_config, require
 from stages.lib.intent import ENGINES, ServeConfig, gguf_path
+from stages.lib.records import ServeRow, checked
 from stages.lib.task import exact_match, read_split
 
 PACKAGES = ["llama-cpp-python", "uvicorn", "fastapi", "httpx2"]
@@ -185,7 +186,7 @@ def measure(args, cfg: LoadtestConfig, messages: list[dict], evaluated: dict, ou
                 if not reference[engine]:   # the fewest clients: the unbatched answers, when 1 is among the counts
                     reference[engine] = {r["id"]: r for r in records if r["status"] == 200}
                 artifacts.write_jsonl(out / "requests" / f"{engine}__c{clients}.jsonl", records)
-                rows.append(summary(engine, clients, records, seconds, reference[engine], evaluated))
+                rows.append(checked(ServeRow, summary(engine, clients, records, seconds, reference[engine], evaluated)))
                 cli.console.print(f"{engine}, {clients} clients: {rows[-1]['requests_per_s']} requests/s, "
                                   f"P95 {rows[-1]['latency_p95_s']} s, errors {rows[-1]['errors']}, "
                                   f"exact match {rows[-1]['exact_match']}")

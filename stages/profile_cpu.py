@@ -37,6 +37,7 @@ from stages.lib.config import as_dict, require
 from stages.lib.constrained import Stepper, common_prefix, decode
 from stages.lib.llama_cpp_tools import weights_read_per_token
 from stages.lib.llama_internals import context, last_logits
+from stages.lib.records import CpuRow, checked
 from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["llama-cpp-python", "numpy", "psutil"]
@@ -247,7 +248,7 @@ def variant_rows(slug: str, type_name: str, model: dict, path: Path, fixed: int,
             row["plain_llama_cpp"] = result["plain_llama_cpp"]
             # medians on both sides: one slow request on a shared machine must not decide the verdict
             row["decode_vs_plain"] = round(summary["decode_tok_s_median"] / result["plain_llama_cpp"]["decode_tok_s"], 4)
-        rows.append(row)
+        rows.append(checked(CpuRow, row))
     return rows
 
 
@@ -284,12 +285,12 @@ def run(run_cfg, cfg: ProfileCPUConfig, args) -> int:
     rows = []
     for slug, model in manifests["gguf"]["results"]["models"].items():
         if "variants" not in model:
-            rows.append({"model": slug, "skipped": model.get("skipped", "no GGUF files")})
+            rows.append(checked(CpuRow, {"model": slug, "skipped": model.get("skipped", "no GGUF files")}))
             continue
         for type_name in cfg.types:
             if type_name not in model["variants"]:
-                rows.append({"model": slug, "variant": type_name,
-                             "skipped": f"not built: add {type_name} to [gguf] types"})
+                rows.append(checked(CpuRow, {"model": slug, "variant": type_name,
+                                             "skipped": f"not built: add {type_name} to [gguf] types"}))
                 continue
             path = run_dir / "gguf" / slug / model["variants"][type_name]["file"]
             fixed = median_answer_tokens_gguf(path, test) if model["source"] == "shape" else 0

@@ -32,6 +32,7 @@ from stages.lib import artifacts, cli, hardware, registry
 from stages.lib.backends import GPTQBackend, TransformersBackend
 from stages.lib.config import as_dict, require
 from stages.lib.models import quantization_sources
+from stages.lib.records import GpuRow, checked
 from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "bitsandbytes", "nvidia-ml-py"]
@@ -235,13 +236,14 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
     rows = []
     for slug, source in quantization_sources(run_dir).items():
         if "skipped" in source:
-            rows.append({"model": slug, "skipped": source["skipped"]})
+            rows.append(checked(GpuRow, {"model": slug, "skipped": source["skipped"]}))
             continue
         fixed = median_answer_tokens_hf(source["path"], test) if source["kind"] == "shape" else 0
         paths = {"fp16": source["path"], "nf4": source["path"], "gptq": str(run_dir / "gptq" / slug)}
         for variant in cfg.variants:
             if variant == "gptq" and not (run_dir / "gptq" / slug / "quantize_config.json").is_file():
-                rows.append({"model": slug, "variant": variant, "skipped": "no GPTQ folder (see the gptq stage)"})
+                rows.append(checked(GpuRow, {"model": slug, "variant": variant,
+                                             "skipped": "no GPTQ folder (see the gptq stage)"}))
                 continue
             cli.console.rule(f"{slug} {variant}" + (f" (shape twin: {fixed} tokens, EOS off)" if fixed else ""))
             spec = {"variant": variant, "path": paths[variant], "prompts": prompts, "warmup": cfg.warmup,
@@ -252,7 +254,7 @@ def run(run_cfg, cfg: ProfileGPUConfig, args) -> int:
             except RuntimeError as err:
                 cli.console.print(Text.assemble(("profile-gpu failed ", "red"), str(err)))
                 return 1
-            rows.append({"model": slug, "source": source["kind"], "fixed_tokens": fixed, **result})
+            rows.append(checked(GpuRow, {"model": slug, "source": source["kind"], "fixed_tokens": fixed, **result}))
     artifacts.write_json(out / "results.json", {"host": host, "gpu": gpu, "rows": rows})
     stage.results.update(host=host, gpu=gpu, rows=rows)
     stage.publish()

@@ -24,7 +24,7 @@ from pathlib import Path
 from stages import report_figures as figures
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
-from stages.lib.records import BaselineRow, EvalRow, read_rows
+from stages.lib.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, read_rows
 from stages.lib.render import fmt, render, write_csv_tables
 
 PACKAGES = ["matplotlib"]
@@ -57,16 +57,17 @@ def gb(value) -> float | None:
 
 def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
     """Everything the report shows, read from the finished folders `manifests` names (its fingerprint)."""
-    def results(folder: str, record: type) -> dict:
+    def results_of(folder: str, record: type) -> dict:
         path = run_dir / folder / "results.json"
         return {**artifacts.read_json(path), "rows": read_rows(path, record)}
-    data = {"eval": results("eval", EvalRow), "baseline": results("baseline", BaselineRow),
-            "other_sets": {folder.removeprefix("eval-"): results(folder, EvalRow)
+    data = {"eval": results_of("eval", EvalRow), "baseline": results_of("baseline", BaselineRow),
+            "other_sets": {folder.removeprefix("eval-"): results_of(folder, EvalRow)
                            for folder in manifests if folder.startswith("eval-")},
             "manifests": dict(manifests), "cpu": [], "gpu": [], "serve": [], "serve_ratios": [], "hosts": {},
             "gpu_skipped": {}, "bandwidth": {}}
     for folder in (f for f in manifests if f.startswith("profiles/")):
-        results, host, kind = artifacts.read_json(run_dir / folder / "results.json"), *folder.split("/")[1:]
+        host, kind = folder.split("/")[1:]
+        results = results_of(folder, {"cpu": CpuRow, "gpu": GpuRow, "serve": ServeRow}[kind])
         data["hosts"][host] = artifacts.read_json(run_dir / folder / "fingerprint.json")
         if kind == "cpu":
             data["bandwidth"][host] = results["bandwidth"]

@@ -4,7 +4,7 @@ import re
 
 from conftest import stage
 from stages.lib.artifacts import sha256_file
-from stages.lib.records import BaselineRow, EvalRow, checked
+from stages.lib.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, checked
 
 EM = {"fp16": 0.91, "gptq": 0.90, "gguf-f16": 0.91, "gguf-Q5_K_M": 0.93, "gguf-Q4_K_M": 0.925, "gguf-Q3_K_M": 0.922}
 SIZES = {"F16": 8_000_000, "Q5_K_M": 3_000_000, "Q4_K_M": 2_500_000, "Q3_K_M": 2_100_000}
@@ -48,14 +48,20 @@ def cpu_rows(scale):
     rows = []
     for variant, tok_s in TOK_S.items():
         for mode, factor in (("naive", 1.0), ("prefix_cached", 0.7), ("prefix_cached_constrained", 0.45)):
-            rows.append({"model": "tiny", "variant": variant, "mode": mode, "source": "merged", "file_bytes": SIZES[variant],
+            rows.append(checked(CpuRow, {
+                         "model": "tiny", "variant": variant, "mode": mode, "source": "merged", "file_bytes": SIZES[variant],
+                         "fixed_tokens": 0, "rss_before_load_bytes": 40_000_000, "rss_after_load_bytes": 50_000_000,
+                         "sampled_peak_rss_bytes": 60_000_000, "vm_hwm_bytes": 60_000_000, "ru_maxrss_bytes": 60_000_000,
+                         "shared_prefix_tokens": 0, "requests": 30, "prompt_tokens_mean": 60.0,
+                         "processed_tokens_mean": 60.0, "generated_tokens_mean": 14.0, "decode_tok_s_median": tok_s * 2 * scale,
+                         "ttft_mean_s": 0.01, "latency_p50_s": 0.02 * factor, "weights_read_per_token_bytes": SIZES[variant],
                          "load_s": 0.1, "threads": 2, "peak_rss_bytes": 60_000_000, "decode_tok_s": tok_s * 2 * scale,
                          "e2e_tok_s": tok_s * scale, "prompt_tok_s": 5000.0, "latency_mean_s": 0.02 * factor,
                          "latency_p95_s": 0.03 * factor, "latency_vs_naive": factor, "bandwidth_share": 0.4,
                          "identical_to_naive": 1.0, "decode_vs_plain": 0.97,
                          **({"plain_llama_cpp": {"prompt_tokens": 100, "new_tokens": 32, "pp_tok_s_mean": 900.0 * scale,
                                                  "pp_tok_s_std": 12.5, "tg_tok_s_mean": tok_s * scale,
-                                                 "tg_tok_s_std": 3.25}} if mode == "naive" else {})})
+                                                 "tg_tok_s_std": 3.25}} if mode == "naive" else {})}))
     return rows
 
 
@@ -92,20 +98,22 @@ def build_run(root):
         manifest(folder, "profile-cpu")
     gpu = run / "profiles" / "epyc-16c-h200-cccccc" / "gpu"
     write(gpu / "results.json", {"host": "epyc-16c-h200-cccccc", "gpu": {"gpu": "NVIDIA H200"}, "rows": [
-        {"model": "tiny", "variant": v, "load_s": load, "parameter_bytes": params, "torch_peak_allocated_bytes": vram,
-         "nvml_process_bytes": vram + 500_000_000, "decode_tok_s": tok * 1.1, "e2e_tok_s": tok, "latency_mean_s": 0.1,
-         "latency_p95_s": 0.2, "energy_j_per_token": 0.05, "energy_method": "nvml total energy counter",
-         "kernel": kernel, "batched": [{"batch": 16, "tok_s": tok * 10}]}
+        checked(GpuRow, {
+            "model": "tiny", "source": "merged", "fixed_tokens": 0, "variant": v, "load_s": load, "parameter_bytes": params,
+            "torch_peak_allocated_bytes": vram, "nvml_process_bytes": vram + 500_000_000, "requests": 30,
+            "generated_tokens_mean": 14.0, "decode_tok_s": tok * 1.1, "e2e_tok_s": tok, "ttft_mean_s": 0.02,
+            "latency_mean_s": 0.1, "latency_p95_s": 0.2, "energy_j": 21.0, "energy_j_per_token": 0.05,
+            "energy_method": "nvml total energy counter", "kernel": kernel, "batched": [{"batch": 16, "tok_s": tok * 10}]})
         for v, load, params, vram, tok, kernel in (("fp16", 1.5, 16_000_000, 40_000_000, 120.0, None),
                                                    ("gptq", 0.9, 6_000_000, 30_000_000, 90.0, "MarlinQuantLinear"))]})
     write(gpu / "fingerprint.json", {"cpu_model": "EPYC", "usable_cores": 16, "isa": ["avx2", "avx512f"],
                                      "ram_bytes": 2**37, "gpus": [{"name": "NVIDIA H200"}], "os": "Linux"})
     manifest(gpu, "profile-gpu")
     serve = run / "profiles" / "epyc-2c-aaaaaa" / "serve"
-    rows = [{"engine": engine, "clients": c, "requests": 400, "seconds": 400 / rate, "requests_per_s": rate,
+    rows = [checked(ServeRow, {"engine": engine, "clients": c, "requests": 400, "seconds": 400 / rate, "requests_per_s": rate,
              "latency_mean_s": c / rate, "latency_p50_s": c / rate, "latency_p95_s": 1.5 * c / rate,
              "latency_p99_s": 2 * c / rate, "errors": 0, "exact_match": 0.95, "same_as_1_client": 1.0,
-             "same_as_evaluate": 1.0, "evaluate_exact_match": 0.95}
+             "same_as_evaluate": 1.0, "evaluate_exact_match": 0.95})
             for engine, rates in (("llama-server", (3.0, 5.0, 6.0)), ("llama-cpp-python", (2.0, 2.0, 2.0)))
             for c, rate in zip((1, 4, 8), rates)]
     write(serve / "results.json", {"host": "epyc-2c-aaaaaa", "model": "tiny", "variant": "Q4_K_M",

@@ -54,6 +54,86 @@ class BaselineRow(Scores):
     cache_hits: NotRequired[int]
 
 
+class CpuRow(TypedDict):
+    """One GGUF variant and decoding mode of `profile-cpu` on one host (profiles/<host>/cpu/results.json)."""
+    model: str
+    variant: str                        # F16, Q8_0, Q4_K_M, ...
+    mode: str                           # naive | prefix_cached | prefix_cached_constrained
+    source: str
+    file_bytes: int
+    fixed_tokens: int                   # shape twins: answers of this many tokens, EOS off (0: real answers)
+    threads: int
+    load_s: float
+    rss_before_load_bytes: int
+    rss_after_load_bytes: int
+    peak_rss_bytes: int
+    sampled_peak_rss_bytes: int
+    vm_hwm_bytes: int
+    ru_maxrss_bytes: int
+    shared_prefix_tokens: int
+    requests: int
+    prompt_tokens_mean: float
+    processed_tokens_mean: float
+    generated_tokens_mean: float
+    prompt_tok_s: float
+    decode_tok_s: float
+    decode_tok_s_median: float
+    e2e_tok_s: float
+    ttft_mean_s: float
+    latency_mean_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_vs_naive: float
+    weights_read_per_token_bytes: int
+    bandwidth_share: float
+    identical_to_naive: NotRequired[float]
+    model_calls_mean: NotRequired[float]
+    plain_llama_cpp: NotRequired[dict]  # naive mode: llama.cpp's own timing of the same file
+    decode_vs_plain: NotRequired[float]
+
+
+class GpuRow(TypedDict):
+    """One variant of `profile-gpu` on one host (profiles/<host>/gpu/results.json)."""
+    model: str
+    source: str
+    fixed_tokens: int
+    variant: str                        # fp16 | gptq | nf4
+    load_s: float
+    kernel: str | None
+    parameter_bytes: int
+    torch_peak_allocated_bytes: int
+    nvml_process_bytes: int | None
+    requests: int
+    generated_tokens_mean: float
+    decode_tok_s: float
+    e2e_tok_s: float
+    ttft_mean_s: float
+    latency_mean_s: float
+    latency_p95_s: float
+    energy_j: float
+    energy_j_per_token: float
+    energy_method: str
+    batched: list[dict]
+
+
+class ServeRow(TypedDict):
+    """One engine at one number of concurrent clients in `loadtest` (profiles/<host>/serve/results.json)."""
+    engine: str
+    clients: int
+    requests: int
+    seconds: float
+    requests_per_s: float
+    latency_mean_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    errors: int
+    exact_match: float | None
+    same_as_1_client: float | None
+    same_as_evaluate: float | None
+    evaluate_exact_match: float | None
+
+
 class SkippedRow(TypedDict):
     """A model or variant a stage could not measure here, and why."""
     skipped: str
