@@ -8,11 +8,13 @@ import pytest
 from conftest import ROOT
 
 COMMANDS = sorted([["-m", f"stages.{p.stem}"] for p in (ROOT / "stages").glob("*.py") if "__main__" in p.read_text()] +
+                  [["-m", f"stages.{p.parent.name}"] for p in (ROOT / "stages").glob("*/__main__.py")] +
                   [[f"scripts/{p.name}"] for p in (ROOT / "scripts").glob("*.py") if "__main__" in p.read_text()])
 
 
 def test_the_commands_are_found():
     assert ["-m", "stages.finetune"] in COMMANDS and ["scripts/bench_contention.py"] in COMMANDS
+    assert ["-m", "stages.serve"] in COMMANDS
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[-1])

@@ -264,7 +264,8 @@ def test_every_service_runs_an_existing_stage_in_its_image():
     for service, spec in services.items():
         image = SERVICE_IMAGES[service]
         module = re.match(r"python -m (stages(?:\.lib)?\.\w+) ", spec["command"] + " ").group(1)
-        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{service}: no module {module}"
+        path = ROOT / module.replace(".", "/")
+        assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), f"{service}: no module {module}"
         assert spec["image"].startswith(f"${{REGISTRY:-localhost}}/cart-intent-{image}:${{TAG_{image.upper()}:?")
         assert "build" not in spec, f"{service}: make images builds each image once; compose builds nothing"
         network = spec.get("network_mode")

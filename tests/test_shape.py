@@ -20,12 +20,13 @@ def defines_main(path: Path) -> bool:
     return any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree(path).body)
 
 
-COMMANDS = sorted(p for p in STAGES.glob("*.py") if p.name != "__init__.py" and defines_main(p))
+COMMANDS = sorted([p for p in STAGES.glob("*.py") if p.name != "__init__.py" and defines_main(p)]
+                  + list(STAGES.glob("*/__main__.py")))   # a command that is a package: python -m stages.serve
 HELPERS = sorted(p for p in STAGES.glob("*.py") if p.name != "__init__.py" and not defines_main(p))
 
 
 def test_the_layout_is_what_this_file_expects():
-    names = {p.stem for p in COMMANDS}
+    names = {p.parent.name if p.name == "__main__.py" else p.stem for p in COMMANDS}
     assert {"generate", "base", "finetune", "merge", "gptq", "gguf", "evaluate", "report", "serve", "predict",
             "transfer", "clean"} <= names
     assert {p.stem for p in HELPERS} >= {"report_figures", "base_tiny", "generate_noise"}

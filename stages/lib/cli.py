@@ -10,9 +10,11 @@ import argparse
 import errno
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
@@ -50,7 +52,9 @@ def share_cpu_fairly() -> None:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    script = Path(sys.argv[0])   # python -m stages.serve runs stages/serve/__main__.py: call it serve
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                prog=script.parent.name if script.name == "__main__.py" else None)
     p.add_argument("--config", default="configs/smollm2.toml",
                    help="run config (TOML); default configs/smollm2.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
