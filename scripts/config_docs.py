@@ -17,12 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.base import BaseConfig  # noqa: E402  (the repository root first, as `python -m` would)
+from stages.base.stage import BaseConfig  # noqa: E402  (the repository root first, as `python -m` would)
 from stages.baseline import BaselineConfig  # noqa: E402
 from stages.evaluate import EvaluateConfig  # noqa: E402
 from stages.finetune import FinetuneConfig  # noqa: E402
-from stages.generate import GenerateConfig  # noqa: E402
-from stages.gguf import GGUFConfig  # noqa: E402
+from stages.generate.stage import GenerateConfig  # noqa: E402
+from stages.gguf.stage import GGUFConfig  # noqa: E402
 from stages.gptq import GPTQConfig  # noqa: E402
 from stages.lib.config import KNOWN_SECTIONS, RunConfig  # noqa: E402
 from stages.lib.intent import ServeConfig  # noqa: E402
@@ -31,7 +31,7 @@ from stages.merge import MergeConfig  # noqa: E402
 from stages.profile_cpu import ProfileCPUConfig  # noqa: E402
 from stages.profile_gpu import ProfileGPUConfig  # noqa: E402
 from stages.publish import PublishConfig  # noqa: E402
-from stages.report import ReportConfig  # noqa: E402
+from stages.report.stage import ReportConfig  # noqa: E402
 
 PAGE = ROOT / "docs" / "configs.md"
 # each table of a run config and the dataclass that reads it, in pipeline order

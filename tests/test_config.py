@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import BaseConfig
+from stages.base.stage import BaseConfig
 from stages.baseline import BaselineConfig
 from stages.finetune import FinetuneConfig
-from stages.generate import GenerateConfig
-from stages.gguf import GGUFConfig
+from stages.generate.stage import GenerateConfig
+from stages.gguf.stage import GGUFConfig
 from stages.gptq import GPTQConfig
 from scripts.config_docs import SECTIONS, render
 from stages.lib.intent import ServeConfig
@@ -63,9 +63,9 @@ def test_a_shipped_config_lists_only_what_it_changes(path):
 
 
 def test_the_defaults_and_paper_toml_are_the_papers_recipe():
-    """The recipe is written once (stages/report_paper.json, which the report compares runs with); the finetune,
+    """The recipe is written once (stages/report/paper.json, which the report compares runs with); the finetune,
     GPTQ and GGUF defaults are it, so configs/paper.toml only names the models."""
-    paper = json.loads((ROOT / "stages" / "report_paper.json").read_text())
+    paper = json.loads((ROOT / "stages" / "report" / "paper.json").read_text())
     path = ROOT / "configs" / "paper.toml"
     ft = as_dict(load_stage_config(path, "finetune", FinetuneConfig)[1])
     assert {key: ft[key] for key in paper["finetune_recipe"]} == paper["finetune_recipe"]

@@ -187,7 +187,7 @@ def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
     for path in ("artifacts/tiny/merge/model.safetensors", "artifacts/README.md", ".venv/bin/python", ".git/HEAD",
                  "stages/lib/__pycache__/cli.cpython-311.pyc", "tests/test_task.py", "configs/tiny.toml", ".env"):
         assert tags.ignored(path, rules), f"{path} would enter a build context"
-    for path in ("stages/generate.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/ggml_cpu_backend.pth"):
+    for path in ("stages/generate/stage.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/ggml_cpu_backend.pth"):
         assert not tags.ignored(path, rules), f"{path} is needed by an image"
 
 

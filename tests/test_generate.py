@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import generate
-from stages.generate_noise import NOISE_KINDS
+from stages.generate import stage as generate
+from stages.generate.noise import NOISE_KINDS
 from stages.lib.artifacts import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE
-from stages import generate_metaprompt as metaprompt
+from stages.generate import metaprompt
 from stages.lib.catalog import load_catalog
 
 SECRET = "sk-test-do-not-write-me-4343"

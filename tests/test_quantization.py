@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE, manifest, stage
-from stages.gguf import SUPPORTED
+from stages.gguf.stage import SUPPORTED
 from stages.lib.task import build_prompt
 
 pytestmark = pytest.mark.integration

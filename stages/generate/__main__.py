@@ -1,0 +1,5 @@
+import sys
+
+from stages.generate.stage import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from stages.gguf.stage import main
+
+sys.exit(main())

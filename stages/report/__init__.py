@@ -1,0 +1,1 @@
+"""The report stage: `python -m stages.report` runs stage.py; its own helpers sit beside it."""

@@ -1,0 +1,5 @@
+import sys
+
+from stages.report.stage import main
+
+sys.exit(main())
