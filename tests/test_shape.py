@@ -104,6 +104,14 @@ def test_editing_the_hardware_probes_reruns_only_the_benchmarks(monkeypatch):
     assert changed == {"profile_cpu", "profile_gpu", "loadtest"}
 
 
+def test_every_shipped_data_file_is_in_the_code_hash_of_the_stages_that_read_it():
+    """Found through data_file(__file__, name) calls, not by matching strings that look like file names."""
+    shipped = {p for p in STAGES.rglob("*.json") if "__pycache__" not in p.parts}
+    hashed = {d for command in COMMANDS for d in code_dependencies(command) if d.suffix == ".json"}
+    assert shipped and shipped == hashed
+    assert {p.name for p in code_dependencies(STAGES / "finetune.py") if p.suffix == ".json"} == {"catalog.json"}
+
+
 def test_code_hash_follows_helpers_and_their_data_files():
     generate = {p.name for p in code_dependencies(STAGES / "generate" / "stage.py")}
     assert {"noise.py", "metaprompt.py", "own_rows.py", "templates.json", "api_client.py", "catalog.json"} <= generate

@@ -34,7 +34,7 @@ from stages.lib.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, C
 from stages.lib.config import ConfigError, as_dict, require
 from stages.lib.task import MAX_QUANTITY, text_key
 
-TEMPLATES_PATH = Path(__file__).parent / "templates.json"
+TEMPLATES_PATH = artifacts.data_file(__file__, "templates.json")
 
 
 @dataclass

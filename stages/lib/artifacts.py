@@ -12,7 +12,6 @@ import ast
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -50,21 +49,34 @@ def sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def data_file(module: str, name: str) -> Path:
+    """A data file shipped beside a module (catalog.json, templates.json): found through this call by
+    code_dependencies, so editing the file reruns exactly the stages whose code reads it."""
+    return Path(module).with_name(name)
+
+
 def code_dependencies(source: Path) -> list[Path]:
-    """The project modules a file imports, transitively (stages/lib modules and a stage's own
-    stages/<stage>_*.py helpers), and the data files (*.json) they name beside them."""
+    """The project modules a file imports, transitively (stages/lib modules and a stage's own helpers), and the
+    data files they name through `data_file(__file__, "<name>")`."""
     found: dict[Path, None] = {}
     data: set[Path] = set()
     pending = [source]
     while pending:
         path = pending.pop()
-        text = path.read_text(encoding="utf-8")
-        data |= {path.parent / f"{ref}.json" for ref in re.findall(r"[\"(/]([a-z_]+)\.json", text)}
-        for module in imported_modules(ast.parse(text), path.parent):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        data |= {path.parent / name for name in data_files_named(tree)}
+        for module in imported_modules(tree, path.parent):
             if module.is_file() and module != source and module not in found:
                 found[module] = None
                 pending.append(module)
-    return sorted(found) + sorted(p for p in data if p.is_file())
+    return sorted(found) + sorted(data)
+
+
+def data_files_named(tree: ast.AST) -> list[str]:
+    """The names in the `data_file(__file__, "<name>")` calls of a module."""
+    return [node.args[1].value for node in ast.walk(tree) if isinstance(node, ast.Call) and len(node.args) == 2
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "data_file"
+            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)]
 
 
 def imported_modules(tree: ast.AST, folder: Path) -> list[Path]:

@@ -12,7 +12,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-CATALOG_PATH = Path(__file__).with_name("catalog.json")   # the shipped 48 products
+from .artifacts import data_file
+
+CATALOG_PATH = data_file(__file__, "catalog.json")   # the shipped 48 products
 RUN_CATALOG = "catalog.json"   # the catalog a run uses, in its data/ folder
 LANGUAGES = ("en", "hr", "es")
 

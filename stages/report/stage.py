@@ -29,7 +29,7 @@ from stages.lib.render import fmt, render, write_csv_tables
 PACKAGES = ["matplotlib"]
 
 # The paper's published figures with the hardware they were measured on, and its recipe (one file, read by tests too)
-PAPER = json.loads((Path(__file__).parent / "paper.json").read_text(encoding="utf-8"))
+PAPER = json.loads(artifacts.data_file(__file__, "paper.json").read_text(encoding="utf-8"))
 # profile-cpu's decoding modes, as the prefix-cache table heads them
 MODE_HEADERS = {"naive": "naive mean s", "prefix_cached": "prefix-cached mean s",
                 "prefix_cached_constrained": "+ constrained mean s"}
