@@ -214,7 +214,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def measured_code() -> str:
     """This stage's code and the code it measures (serve, started as a process, so no import says so)."""
-    return artifacts.sha256_json([artifacts.code_hash(__file__), artifacts.code_hash(Path(__file__).with_name("serve.py"))])
+    return artifacts.sha256_json([artifacts.code_hash(__file__), artifacts.code_hash(Path(__file__).parent / "serve" / "stage.py")])
 
 
 def run(run_cfg, cfg: LoadtestConfig, args) -> int:

@@ -41,8 +41,8 @@ def undeclared_reads(name: str, extra: tuple, opened: list[str]) -> list[str]:
     undeclared = []
     for path in opened:
         run, *parts = path.split("/")
-        if run.startswith(".") or (run == "compare" and name == "compare"):
-            continue  # caches beside the runs; compare's own folder
+        if not parts or run.startswith(".") or (run == "compare" and name == "compare"):
+            continue  # the user's own files and caches beside the runs; compare's own folder
         folders = ["/".join(parts[:i]) for i in range(1, len(parts))]
         # a stage writes <folder> through .<folder>.tmp, moves the last one to .<folder>.old, locks .<folder>.lock
         folders = [re.sub(r"(^|/)\.([^/]+)\.(tmp|lock|old)$", r"\1\2", f) for f in folders + ["/".join(parts)]]

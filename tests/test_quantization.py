@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE, manifest, stage
-from stages.gguf.stage import SUPPORTED
+from stages.gguf.stage import SUPPORTED, GGUFConfig
+from stages.lib.config import load_stage_config
 from stages.lib.task import build_prompt
 
 pytestmark = pytest.mark.integration
@@ -15,8 +16,7 @@ PROMPT = build_prompt("dodaj 3 paste za zube")
 
 
 def smoke_types():
-    import tomllib
-    return tomllib.loads(open(SMOKE).read())["gguf"]["types"]
+    return load_stage_config(SMOKE, "gguf", GGUFConfig)[1].types
 
 
 def test_gguf_writes_every_configured_type_with_records(quantized):

@@ -35,9 +35,9 @@ STAGES = {stage.name: stage for stage in (
     Stage("gptq", "gptq", "gptq", ("generate", "base", "merge")),
     Stage("gguf", "gguf", "gguf", ("generate", "base", "merge")),
     Stage("baseline", "baseline", "baseline", ("generate", "base")),
-    Stage("evaluate", "evaluate", "eval", ("generate", "merge", "gptq", "gguf")),
+    Stage("evaluate", "evaluate", "eval", ("generate", "base", "merge", "gptq", "gguf")),
     # `evaluate --data FILE`: the same stage on a hand-written set, into eval-<file name>
-    Stage("evaluate_set", "evaluate", "eval-*", ("generate", "merge", "gptq", "gguf"), module="evaluate"),
+    Stage("evaluate_set", "evaluate", "eval-*", ("generate", "base", "merge", "gptq", "gguf"), module="evaluate"),
     Stage("profile_cpu", "profile-cpu", "profiles/*/cpu", ("generate", "gguf")),
     Stage("profile_gpu", "profile-gpu", "profiles/*/gpu", ("generate", "base", "gptq")),
     Stage("loadtest", "loadtest", "profiles/*/serve", ("generate", "gguf"), ("evaluate",)),
