@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from stages.lib import artifacts, registry
+from test_shape import COMMANDS, name_of
 from stages.lib.artifacts import MissingArtifact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +35,9 @@ def test_make_prerequisites_are_the_registry_reads_without_the_implied_ones(name
 
 def test_every_stage_module_is_registered_and_every_entry_is_a_module():
     modules = {s.module or s.name for s in registry.STAGES.values()}
-    stages = ROOT / "stages"
-    assert all((stages / f"{m}.py").is_file() or (stages / m / "__main__.py").is_file() for m in modules)
-    files = [*stages.glob("*.py"), *stages.glob("*/stage.py")]
-    pipeline = {p.parent.name if p.name == "stage.py" else p.stem for p in files if "StageRun(" in p.read_text()}
+    assert modules <= {name_of(p) for p in COMMANDS}
+    assert all((ROOT / "stages" / m / "__main__.py").is_file() for m in modules if (ROOT / "stages" / m).is_dir())
+    pipeline = {name_of(p) for p in COMMANDS if "StageRun(" in p.read_text()}
     assert "generate" in pipeline and pipeline <= modules
 
 

@@ -37,7 +37,7 @@ class EvalRow(Scores):
     model_calls_per_answer: float | None
     mcnemar_vs_fp16: dict
     batch1_examples_per_s: NotRequired[float]
-    batch1_identical: NotRequired[float]
+    batch1_identical: NotRequired[bool]
     batched_speedup: NotRequired[float]
     constrained_minus_free: NotRequired[float]
 
