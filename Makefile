@@ -82,11 +82,11 @@ LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -D
 # with the same settings reuses one instead of compiling again.
 CART_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cart-intent
 
-$(STAMP): requirements/*.txt stages/lib/llama_cpp_tools.py
+$(STAMP): requirements/*.txt requirements/llama-cpp.json scripts/llama_cpp_build.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) stages/lib/llama_cpp_tools.py build requirements/gguf.txt "$(LLAMA_CMAKE_ARGS)" $(CART_CACHE)/llama-cpp-python
+	$(PY) scripts/llama_cpp_build.py build requirements/llama-cpp.json "$(LLAMA_CMAKE_ARGS)" $(CART_CACHE)/llama-cpp-python
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/all.txt
-	$(PY) stages/lib/llama_cpp_tools.py check "$(LLAMA_CMAKE_ARGS)"
+	$(PY) scripts/llama_cpp_build.py check requirements/llama-cpp.json "$(LLAMA_CMAKE_ARGS)"
 	touch $@
 
 ## Create .venv from the pinned requirements (done automatically by every target under RUNNER=local)

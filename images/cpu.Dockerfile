@@ -10,7 +10,8 @@
 # (AVX2, FMA, F16C), as `make venv` builds it; on arm64 pass --build-arg LLAMA_SERVER_CMAKE_ARGS=-DGGML_NATIVE=OFF.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
+# the llama.cpp commit of requirements/llama-cpp.json, for the label (images/tags.py passes it)
+ARG LLAMA_CPP_COMMIT
 ARG LLAMA_SERVER_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 
 FROM ${PYTHON_IMAGE} AS build
@@ -38,10 +39,10 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       -r /src/requirements/gguf.txt -r /src/requirements/gptq.txt -r /src/requirements/api.txt
 # llama.cpp's converter and llama-server from the same sdist (as `make venv` does), and proof that it
 # is the commit the image's label names.
-COPY stages/lib/llama_cpp_tools.py /src/llama_cpp_tools.py
+COPY requirements/llama-cpp.json /src/requirements/
+COPY scripts/llama_cpp_build.py /src/llama_cpp_build.py
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
-    /opt/venv/bin/python /src/llama_cpp_tools.py install "${LLAMA_SERVER_CMAKE_ARGS}" \
- && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"
+    /opt/venv/bin/python /src/llama_cpp_build.py install /src/requirements/llama-cpp.json "${LLAMA_SERVER_CMAKE_ARGS}"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PROJECT_VERSION=unknown
@@ -58,6 +59,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY images/ggml_cpu_backend.py images/ggml_cpu_backend.pth /opt/venv/lib/python3.11/site-packages/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
+COPY cart_intent/ /app/cart_intent/
 COPY stages/ /app/stages/
 USER app
 

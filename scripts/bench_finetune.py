@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.finetune import FinetuneConfig  # noqa: E402
-from stages.lib import artifacts  # noqa: E402
-from stages.lib.host import host_facts  # noqa: E402
-from stages.lib.training import (Collate, common_prefix_len, completion_loss, encode, load_base,  # noqa: E402
+from cart_intent import artifacts  # noqa: E402
+from cart_intent.host import host_facts  # noqa: E402
+from cart_intent.training import (Collate, common_prefix_len, completion_loss, encode, load_base,  # noqa: E402
                                  model_loss, timed_steps)
-from stages.lib.models import base_models, weights_dir  # noqa: E402
+from cart_intent.models import base_models, weights_dir  # noqa: E402
 
 # (label, config changes, loss path, shared prefix, batches grouped by length)
 VARIANTS = [

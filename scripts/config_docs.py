@@ -24,8 +24,8 @@ from stages.finetune import FinetuneConfig  # noqa: E402
 from stages.generate.stage import GenerateConfig  # noqa: E402
 from stages.gguf.stage import GGUFConfig  # noqa: E402
 from stages.gptq import GPTQConfig  # noqa: E402
-from stages.lib.config import KNOWN_SECTIONS, RunConfig  # noqa: E402
-from stages.lib.intent import ServeConfig  # noqa: E402
+from cart_intent.config import KNOWN_SECTIONS, RunConfig  # noqa: E402
+from cart_intent.intent import ServeConfig  # noqa: E402
 from stages.loadtest import LoadtestConfig  # noqa: E402
 from stages.merge import MergeConfig  # noqa: E402
 from stages.profile_cpu import ProfileCPUConfig  # noqa: E402

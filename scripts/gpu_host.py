@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages.lib.artifacts import sha256_file as sha256  # noqa: E402 - stdlib only, like this file
+from cart_intent.artifacts import sha256_file as sha256  # noqa: E402 - stdlib only, like this file
 LOCK = ROOT / "requirements" / "gpu-host.lock"
 WHEELS = ROOT / "gpu-wheels"
 INDEX = "wheels.json"

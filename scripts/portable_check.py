@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib.backends import GGUFBackend  # noqa: E402
-from stages.lib.catalog import run_catalog  # noqa: E402
-from stages.lib.task import build_prompt, is_valid, parse_output, read_split  # noqa: E402
+from cart_intent.backends import GGUFBackend  # noqa: E402
+from cart_intent.catalog import run_catalog  # noqa: E402
+from cart_intent.task import build_prompt, is_valid, parse_output, read_split  # noqa: E402
 
 
 def main() -> int:

@@ -27,15 +27,15 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
-from stages.lib.backends import TransformersBackend
-from stages.lib.catalog import run_catalog
-from stages.lib.config import as_dict, require
-from stages.lib.metrics import score, summarize
-from stages.lib.models import SHAPE_TWINS, model_slug, weights_dir
-from stages.lib.records import BaselineRow, checked
-from stages.lib.task import ANSWER_TOKENS, build_prompt, read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
+from cart_intent.backends import TransformersBackend
+from cart_intent.catalog import run_catalog
+from cart_intent.config import as_dict, require
+from cart_intent.metrics import score, summarize
+from cart_intent.models import SHAPE_TWINS, model_slug, weights_dir
+from cart_intent.records import BaselineRow, checked
+from cart_intent.task import ANSWER_TOKENS, build_prompt, read_split
 
 PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
 

@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import cli
-from stages.lib.artifacts import read_manifest, take_lock
-from stages.lib.config import ConfigError
+from cart_intent import cli
+from cart_intent.artifacts import read_manifest, take_lock
+from cart_intent.config import ConfigError
 
 # what a stage leaves beside its folder: .<folder>.lock, .<folder>.tmp, .<folder>.old
 STAGE_SIDE_ENTRY = re.compile(r"\.[\w.-]+\.(lock|tmp|old)")

@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.config import ConfigError, is_run_name
-from stages.lib.records import CpuRow, EvalRow, read_rows
-from stages.lib.render import fmt, render, write_csv_tables
+from cart_intent import artifacts, cli, registry
+from cart_intent.config import ConfigError, is_run_name
+from cart_intent.records import CpuRow, EvalRow, read_rows
+from cart_intent.render import fmt, render, write_csv_tables
 
 
 @dataclass

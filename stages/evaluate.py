@@ -1,6 +1,6 @@
 """evaluate: exact match of every fine-tuned variant (merged FP16, GPTQ, each GGUF), free and schema-constrained.
 
-Each variant answers every test example through the shared inference layer (stages/lib/backends.py);
+Each variant answers every test example through the shared inference layer (cart_intent/backends.py);
 every prediction is saved. Metrics: strict exact match with a 95% Wilson interval, JSON validity,
 accuracy per field, per language, per noise kind and per quantity bucket, the top confusions, and an
 exact McNemar test of each variant against the merged FP16 model (free decoding). Speed: examples per
@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.backends import GGUFBackend, GPTQBackend, TransformersBackend
-from stages.lib.catalog import run_catalog
-from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.metrics import mcnemar, score, summarize
-from stages.lib.models import quantization_sources
-from stages.lib.records import EvalRow, checked
-from stages.lib.task import BadExamples, build_prompt, numbered_examples, read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.backends import GGUFBackend, GPTQBackend, TransformersBackend
+from cart_intent.catalog import run_catalog
+from cart_intent.config import ConfigError, as_dict, require
+from cart_intent.metrics import mcnemar, score, summarize
+from cart_intent.models import quantization_sources
+from cart_intent.records import EvalRow, checked
+from cart_intent.task import BadExamples, build_prompt, numbered_examples, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "llama-cpp-python"]
 DECODING = ("free", "constrained")

@@ -34,12 +34,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.config import as_dict, require
-from stages.lib.generation import exact_match_rate
-from stages.lib.models import base_models, weights_dir
-from stages.lib.task import read_split
-from stages.lib.training import (ALL_PROJECTIONS, Collate, EpochSeededLengthSampler, common_prefix_len,
+from cart_intent import artifacts, cli, registry
+from cart_intent.config import as_dict, require
+from cart_intent.generation import exact_match_rate
+from cart_intent.models import base_models, weights_dir
+from cart_intent.task import read_split
+from cart_intent.training import (ALL_PROJECTIONS, Collate, EpochSeededLengthSampler, common_prefix_len,
                                  completion_loss, encode, load_base, model_loss, timed_steps)
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate"]

@@ -22,12 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.backends import GPTQBackend, TransformersBackend, agreement
-from stages.lib.cards import card, model_meta, model_origin
-from stages.lib.config import as_dict, require
-from stages.lib.models import count_parameters, quantization_sources, safetensors_bytes
-from stages.lib.task import build_completion, build_prompt, read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.backends import GPTQBackend, TransformersBackend, agreement
+from cart_intent.cards import card, model_meta, model_origin
+from cart_intent.config import as_dict, require
+from cart_intent.models import count_parameters, quantization_sources, safetensors_bytes
+from cart_intent.task import build_completion, build_prompt, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "optimum", "safetensors"]
 

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware, registry
-from stages.lib.child import Child, free_port
-from stages.lib.config import as_dict, load_stage_config, require
-from stages.lib.intent import ENGINES, ServeConfig, gguf_path
-from stages.lib.records import ServeRow, checked
-from stages.lib.task import exact_match, read_split
+from cart_intent import artifacts, cli, hardware, registry
+from cart_intent.child import Child, free_port
+from cart_intent.config import as_dict, load_stage_config, require
+from cart_intent.intent import ENGINES, ServeConfig, gguf_path
+from cart_intent.records import ServeRow, checked
+from cart_intent.task import exact_match, read_split
 
 PACKAGES = ["llama-cpp-python", "uvicorn", "fastapi", "httpx2"]
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.cards import card, model_meta, model_origin
-from stages.lib.config import as_dict, require
-from stages.lib.generation import exact_match_rate, greedy_generate
-from stages.lib.models import base_models, weights_dir
-from stages.lib.task import build_prompt, chat_template, read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.cards import card, model_meta, model_origin
+from cart_intent.config import as_dict, require
+from cart_intent.generation import exact_match_rate, greedy_generate
+from cart_intent.models import base_models, weights_dir
+from cart_intent.task import build_prompt, chat_template, read_split
 
 PACKAGES = ["torch", "transformers", "peft", "safetensors"]
 
@@ -51,7 +51,7 @@ def model_card(record: dict, adapter_history: dict, results: dict, run_name: str
         f"# {record['spec']} fine-tuned for cart-intent extraction (merged)",
         "",
         "LoRA adapter merged into the FP16 base. Input: the task library's prompt "
-        "(`stages/lib/task.py: build_prompt`), which the tokenizer's chat template renders from one user message "
+        "(`cart_intent/task.py: build_prompt`), which the tokenizer's chat template renders from one user message "
         "(`tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": text}], add_generation_prompt=True)`; "
         "system messages are ignored); output: one JSON object "
         '`{"action": "add"|"remove", "product": <catalog name>, "quantity": 1..999}`, then EOS.',

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import sys
 
-from stages.lib import cli
-from stages.lib.backends import GGUFBackend
-from stages.lib.catalog import run_catalog
-from stages.lib.intent import IntentModel, ServeConfig, gguf_path
+from cart_intent import cli
+from cart_intent.backends import GGUFBackend
+from cart_intent.catalog import run_catalog
+from cart_intent.intent import IntentModel, ServeConfig, gguf_path
 
 
 def emit(answer: dict) -> None:

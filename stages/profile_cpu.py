@@ -30,15 +30,15 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware, registry
-from stages.lib.backends import GGUFBackend, answer_schema
-from stages.lib.catalog import run_catalog
-from stages.lib.config import as_dict, require
-from stages.lib.constrained import Stepper, common_prefix, decode
-from stages.lib.llama_cpp_tools import weights_read_per_token
-from stages.lib.llama_internals import context, last_logits
-from stages.lib.records import CpuRow, checked
-from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
+from cart_intent import artifacts, cli, hardware, registry
+from cart_intent.backends import GGUFBackend, answer_schema
+from cart_intent.catalog import run_catalog
+from cart_intent.config import as_dict, require
+from cart_intent.constrained import Stepper, common_prefix, decode
+from cart_intent.llama_cpp_tools import weights_read_per_token
+from cart_intent.llama_internals import context, last_logits
+from cart_intent.records import CpuRow, checked
+from cart_intent.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["llama-cpp-python", "numpy", "psutil"]
 MODES = ("naive", "prefix_cached", "prefix_cached_constrained")

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, hardware, registry
-from stages.lib.backends import GPTQBackend, TransformersBackend
-from stages.lib.config import as_dict, require
-from stages.lib.models import quantization_sources
-from stages.lib.records import GpuRow, checked
-from stages.lib.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
+from cart_intent import artifacts, cli, hardware, registry
+from cart_intent.backends import GPTQBackend, TransformersBackend
+from cart_intent.config import as_dict, require
+from cart_intent.models import quantization_sources
+from cart_intent.records import GpuRow, checked
+from cart_intent.task import ANSWER_TOKENS, build_prompt, median_answer_tokens, read_split
 
 PACKAGES = ["torch", "transformers", "gptqmodel", "bitsandbytes", "nvidia-ml-py"]
 VARIANTS = ("fp16", "gptq", "nf4")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.lib import artifacts, cli, registry
-from stages.lib.cards import card_problems
-from stages.lib.config import ConfigError, require
+from cart_intent import artifacts, cli, registry
+from cart_intent.cards import card_problems
+from cart_intent.config import ConfigError, require
 
 KINDS = ("data", "merge", "gptq", "gguf")   # the folders a run can publish
 SKIP_SUFFIXES = (".log", ".tmp")

@@ -32,9 +32,9 @@ from pathlib import Path, PurePosixPath
 from rich.table import Table
 from rich.text import Text
 
-from stages.lib.artifacts import MANIFEST, read_manifest, sha256_file
-from stages.lib.cli import EXIT_CONFIG, EXIT_OK, EXIT_UPSTREAM, console
-from stages.lib.config import ConfigError, RunConfig, load_stage_config
+from cart_intent.artifacts import MANIFEST, read_manifest, sha256_file
+from cart_intent.cli import EXIT_CONFIG, EXIT_OK, EXIT_UPSTREAM, console
+from cart_intent.config import ConfigError, RunConfig, load_stage_config
 
 INDEX = "cart-intent-transfer.json"  # an archive's first member: its run and its folders' manifest hashes
 STAGE_DEPTH = 3                      # profiles/<host-id>/cpu is the deepest stage folder

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import registry
+from cart_intent import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.lib import api_client
-from stages.lib.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
+from cart_intent import api_client
+from cart_intent.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
 
 ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "{}"}}],

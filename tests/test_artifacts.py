@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.artifacts import MissingArtifact, StageRun, code_dependencies
-from stages.lib.registry import require_stage
+from cart_intent.artifacts import MissingArtifact, StageRun, code_dependencies
+from cart_intent.registry import require_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +204,7 @@ def test_a_second_run_of_the_same_stage_waits_for_none_and_names_the_holder(tmp_
     first = StageRun("gguf", "gguf", tmp_path, {}, {}, "code", [])
     first.fresh_tmp()
     probe = subprocess.run([sys.executable, "-c", (
-        "import sys; from pathlib import Path; from stages.lib.artifacts import StageRun, StageBusy\n"
+        "import sys; from pathlib import Path; from cart_intent.artifacts import StageRun, StageBusy\n"
         f"try:\n    StageRun('gguf', 'gguf', Path({str(tmp_path)!r}), {{}}, {{}}, 'code', []).fresh_tmp()\n"
         "except StageBusy as err:\n    print(err); sys.exit(4)")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 4 and f"pid {os.getpid()}" in probe.stdout
@@ -214,6 +214,6 @@ def test_a_second_run_of_the_same_stage_waits_for_none_and_names_the_holder(tmp_
 def test_a_free_port_is_never_the_one_to_avoid():
     """serve binds its own port only after its llama-server child is ready, so the child's port is drawn with
     serve's excluded (the kernel once handed out the same port to both, and the child took it)."""
-    from stages.lib.child import free_port
+    from cart_intent.child import free_port
     taken = free_port()
     assert all(free_port(avoid=taken) != taken for _ in range(300))

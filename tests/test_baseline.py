@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from stages.lib.child import free_port
+from cart_intent.child import free_port
 from conftest import ROOT, SMOKE, manifest
 
 pytestmark = pytest.mark.integration

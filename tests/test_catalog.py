@@ -1,7 +1,7 @@
 """The catalog file and the grammar that agrees a number with a product."""
 import pytest
 
-from stages.lib.catalog import (NUMBER_WORDS, hr_count_class, hr_noun, indefinite, load_catalog, number_word,
+from cart_intent.catalog import (NUMBER_WORDS, hr_count_class, hr_noun, indefinite, load_catalog, number_word,
                                 quantity_phrase, unit_phrase)
 
 REQUIRED = ["Lip Balm", "Toothpaste", "Toothbrush", "Shampoo", "Hand Soap", "Sunscreen", "Deodorant",
@@ -104,7 +104,7 @@ def test_a_catalog_with_wrong_types_is_refused_by_name(tmp_path, change, needle)
     """"mass": "false" was read as true, "brands": "Colgate" as seven one-letter brands, and a name holding \\f
     or \\b gave an answer grammar llama.cpp cannot parse."""
     import json
-    from stages.lib.catalog import CATALOG_PATH, CatalogError
+    from cart_intent.catalog import CATALOG_PATH, CatalogError
     data = json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
     change(data)
     path = tmp_path / "catalog.json"

@@ -13,8 +13,8 @@ from stages.generate.stage import GenerateConfig
 from stages.gguf.stage import GGUFConfig
 from stages.gptq import GPTQConfig
 from scripts.config_docs import SECTIONS, render
-from stages.lib.intent import ServeConfig
-from stages.lib.config import KNOWN_SECTIONS, ConfigError, RunConfig, as_dict, load_stage_config, read_tables
+from cart_intent.intent import ServeConfig
+from cart_intent.config import KNOWN_SECTIONS, ConfigError, RunConfig, as_dict, load_stage_config, read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))

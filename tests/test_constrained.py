@@ -1,6 +1,6 @@
 """The constrained decoder's schema and vocabulary: forced text, the characters and tokens that keep an
 answer valid (the decoder itself runs on real models in test_evaluate and test_serve)."""
-from stages.lib.constrained import AnswerSchema, Vocabulary, common_prefix
+from cart_intent.constrained import AnswerSchema, Vocabulary, common_prefix
 
 SCHEMA = AnswerSchema(["Lip Balm", "Lipstick", "Milk"], max_quantity=50)
 

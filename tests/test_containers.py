@@ -1,6 +1,7 @@
 """Containers, checked without a Docker engine: the Dockerfiles, compose.yaml, the content tags, .dockerignore,
 the Makefile's runners (one command under both) and the runner each stage records in its manifest."""
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from stages.lib import artifacts
+from cart_intent import artifacts
 
 spec = importlib.util.spec_from_file_location("image_tags", ROOT / "images" / "tags.py")
 tags = importlib.util.module_from_spec(spec)
@@ -21,7 +22,7 @@ spec.loader.exec_module(tags)
 
 IMAGES = tags.image_names()
 CUDA_IMAGES = {"train", "gptq", "gpu"}
-LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+LLAMA_CPP_PIN = json.loads((ROOT / "requirements" / "llama-cpp.json").read_text())
 # The issue's placement of every stage (compose service -> image).
 SERVICE_IMAGES = {"generate": "python", "report": "python", "baseline-api": "python", "transfer": "python",
                   "base": "train", "finetune": "train", "merge": "train", "gptq": "gptq",
@@ -157,16 +158,18 @@ def test_labels_name_the_project_version_and_the_llama_cpp_commit(name):
     assert 'org.opencontainers.image.version="${PROJECT_VERSION}"' in labels
     if "requirements/gguf.txt" in installed_requirements(name):
         assert 'cart-intent.llama-cpp.commit="${LLAMA_CPP_COMMIT}"' in labels
-        assert global_args(name)["LLAMA_CPP_COMMIT"] == LLAMA_CPP_COMMIT
+        # the pin is written once: no default in the Dockerfile; the label's value comes from the pin file
+        assert global_args(name)["LLAMA_CPP_COMMIT"] == ""
+        assert tags.build_args(name)["LLAMA_CPP_COMMIT"] == LLAMA_CPP_PIN["llama_cpp_commit"]
         text = tags.dockerfile(name).read_text()
-        # the build proves the label: the converter's COMMIT from the same sdist must equal it
-        assert 'test "$(cat /opt/venv/share/llama.cpp/COMMIT)" = "${LLAMA_CPP_COMMIT}"' in text
+        # the build proves the label: the install step checks the sdist's vendored commit against the pin
+        assert "llama_cpp_build.py install /src/requirements/llama-cpp.json" in text
+        assert {"requirements/llama-cpp.json", "scripts/llama_cpp_build.py"} <= set(tags.copy_sources(name))
         for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
                      "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):   # the variants where ggml_cpu_backend.py looks
             assert flag in text, f"{name}: llama.cpp must be built portable ({flag})"
         assert "--no-binary llama-cpp-python" in text
         assert {"images/ggml_cpu_backend.py", "images/ggml_cpu_backend.pth"} <= set(tags.copy_sources(name))
-    assert LLAMA_CPP_COMMIT in (ROOT / "README.md").read_text()
     assert tags.build_args(name)["PROJECT_VERSION"] == re.search(r'version = "(.+)"', (ROOT / "pyproject.toml").read_text())[1]
 
 
@@ -185,15 +188,15 @@ def test_the_cuda_images_are_the_targets_of_one_dockerfile_and_cpu_has_a_server_
 def test_dockerignore_keeps_runs_venvs_and_caches_out_of_the_build_context():
     rules = tags.ignore_rules()
     for path in ("artifacts/tiny/merge/model.safetensors", "artifacts/README.md", ".venv/bin/python", ".git/HEAD",
-                 "stages/lib/__pycache__/cli.cpython-311.pyc", "tests/test_task.py", "configs/tiny.toml", ".env"):
+                 "cart_intent/__pycache__/cli.cpython-311.pyc", "tests/test_task.py", "configs/tiny.toml", ".env"):
         assert tags.ignored(path, rules), f"{path} would enter a build context"
-    for path in ("stages/generate/stage.py", "stages/lib/catalog.json", "requirements/gguf.txt", "images/ggml_cpu_backend.pth"):
+    for path in ("stages/generate/stage.py", "cart_intent/catalog.json", "requirements/gguf.txt", "images/ggml_cpu_backend.pth"):
         assert not tags.ignored(path, rules), f"{path} is needed by an image"
 
 
 def _tag_tree(tmp_path: Path) -> Path:
     """A copy of what the tags read, to change files without touching the checkout."""
-    for name in ("images", "requirements", "stages"):
+    for name in ("images", "requirements", "stages", "cart_intent", "scripts"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", ".dockerignore"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -208,8 +211,8 @@ def test_tags_follow_the_content_of_each_image(tmp_path, monkeypatch):
     assert before == {name: tags.tag(name) for name in IMAGES}
     assert all(re.fullmatch(r"[0-9a-f]{12}", t) for t in before.values()) and len(set(before.values())) == len(IMAGES)
 
-    (root / "stages" / "lib" / "__pycache__").mkdir()
-    (root / "stages" / "lib" / "__pycache__" / "x.pyc").write_bytes(b"\0")   # ignored by .dockerignore
+    (root / "cart_intent" / "__pycache__").mkdir()
+    (root / "cart_intent" / "__pycache__" / "x.pyc").write_bytes(b"\0")   # ignored by .dockerignore
     (root / "README.md").write_text("not copied into any image")
     assert {name: tags.tag(name) for name in IMAGES} == before
 
@@ -435,7 +438,10 @@ def test_base_images_and_indexes_are_build_arguments_hashed_into_the_tags(monkey
     for key in (*tags.BUILD_ARGS, "BASE_IMAGES"):
         monkeypatch.delenv(key, raising=False)
     hub = {name: tags.tag(name) for name in IMAGES}
-    assert all(tags.build_args(name) == {"PROJECT_VERSION": tags.project_version()} for name in IMAGES)
+    pinned = {"LLAMA_CPP_COMMIT": LLAMA_CPP_PIN["llama_cpp_commit"]}
+    assert {name: tags.build_args(name) for name in IMAGES} == {
+        name: {"PROJECT_VERSION": tags.project_version(), **(pinned if name in ("cpu", "server", "gpu") else {})}
+        for name in IMAGES}
     monkeypatch.setenv("PYTHON_IMAGE", "mirror.example/python:3.11.14-slim-bookworm")
     moved = {name for name in IMAGES if tags.tag(name) != hub[name]}
     assert moved == {"python", "cpu", "server"}   # the CUDA images do not build on PYTHON_IMAGE
@@ -453,7 +459,7 @@ def test_base_images_and_indexes_are_build_arguments_hashed_into_the_tags(monkey
 
 
 def test_packaged_model_pins_are_the_ones_the_train_image_downloads():
-    from stages.lib.models import PACKAGED_MODELS
+    from cart_intent.models import PACKAGED_MODELS
     lines = [x.split() for x in (ROOT / "requirements" / "models.txt").read_text().splitlines() if x and x[0] != "#"]
     pinned = {(f"{pin['package']}=={pin['version']}", f"--hash=sha256:{pin['sha256']}") for pin in PACKAGED_MODELS.values()}
     assert {tuple(line) for line in lines} == pinned

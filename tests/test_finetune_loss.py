@@ -3,7 +3,7 @@ gradients; labels cover the completion only; the shared prefix never eats a prom
 import pytest
 import torch
 
-from stages.lib.training import IGNORE, Collate, common_prefix_len, completion_loss
+from cart_intent.training import IGNORE, Collate, common_prefix_len, completion_loss
 
 
 @pytest.fixture(scope="module")

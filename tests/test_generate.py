@@ -9,7 +9,7 @@ import pytest
 
 from stages.generate import stage as generate
 from stages.generate.noise import NOISE_KINDS
-from stages.lib.artifacts import read_jsonl, read_manifest
+from cart_intent.artifacts import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")

@@ -140,7 +140,7 @@ def file_hashes(run_dir: Path, pattern: str) -> dict[str, str]:
 
 def gguf_tensor_hashes(run_dir: Path) -> dict[str, str]:
     """Each GGUF file's tensors (name, type, shape, data), metadata aside."""
-    from stages.lib.llama_cpp_tools import converter
+    from cart_intent.llama_cpp_tools import converter
     sys.path.insert(0, str(converter()[0].parent / "gguf-py"))
     from gguf import GGUFReader
     hashes = {}

@@ -7,7 +7,13 @@ import sys
 import pytest
 
 from conftest import ROOT
-from stages.lib.llama_cpp_tools import build_key, feature_mismatch, pinned_version, server_binary, tools_dir
+from cart_intent.llama_cpp_tools import server_binary, tools_dir
+from cart_intent.llama_internals import CHECKED_VERSION
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from llama_cpp_build import build_key, feature_mismatch, read_pin  # noqa: E402  (a script, not a package)
+
+PIN = read_pin(ROOT / "requirements" / "llama-cpp.json")
 
 PORTABLE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 PORTABLE_INFO = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | OPENMP = 1 | "
@@ -31,8 +37,20 @@ def test_build_key_changes_with_what_the_wheel_depends_on():
     assert key != build_key("0.3.36", "")
 
 
-def test_pinned_version_reads_the_requirement_with_extras():
-    assert pinned_version(ROOT / "requirements" / "gguf.txt") == "0.3.36"
+def test_the_pin_is_the_version_pip_installs_and_the_one_the_private_attributes_were_checked_against():
+    """requirements/llama-cpp.json is the one place of version, sdist hash and commit; pip's requirement line and
+    llama_internals must name the same version."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements" / "gguf.txt").read_text().splitlines()]
+    assert f"{PIN.package}[server]=={PIN.version}" in lines
+    assert CHECKED_VERSION == PIN.version
+    assert len(PIN.sdist_sha256) == 64 and len(PIN.llama_cpp_commit) == 40
+
+
+def test_a_bad_pin_file_is_one_line(tmp_path):
+    (tmp_path / "pin.json").write_text('{"version": "0.3.36"}')
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_cpp_build.py"), "check",
+                           str(tmp_path / "pin.json"), ""], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "not a llama.cpp pin" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_installed_llama_cpp_was_compiled_for_the_recorded_cmake_args():
@@ -43,7 +61,7 @@ def test_installed_llama_cpp_was_compiled_for_the_recorded_cmake_args():
     info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
                           capture_output=True, text=True, check=True).stdout
     assert feature_mismatch(build["cmake_args"], info) == []
-    assert build["version"] == pinned_version(ROOT / "requirements" / "gguf.txt")
+    assert build["version"] == PIN.version and build["commit"] == PIN.llama_cpp_commit
 
 
 def test_llama_server_is_built_from_the_same_llama_cpp_commit():

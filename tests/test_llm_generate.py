@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, SMOKE
 from stages.generate import metaprompt
-from stages.lib.catalog import load_catalog
+from cart_intent.catalog import load_catalog
 
 SECRET = "sk-test-do-not-write-me-4343"
 CATALOG = load_catalog()
@@ -72,7 +72,7 @@ def test_bad_backend_is_a_config_error(tmp_path):
 
 @pytest.mark.integration
 def test_budget_stop_resume_from_cache_and_identical_rerun(quantized, tmp_path):
-    from stages.lib.child import free_port
+    from cart_intent.child import free_port
     from test_baseline import start_server, wait_ready
     port = free_port()
     llm = [f"generate.api.base_url='http://127.0.0.1:{port}/v1'", "generate.llm_model='smoke-gguf'",

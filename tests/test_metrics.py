@@ -1,7 +1,7 @@
 """Metrics: known values, edge cases."""
 import pytest
 
-from stages.lib.metrics import mcnemar, quantity_bucket, summarize, wilson
+from cart_intent.metrics import mcnemar, quantity_bucket, summarize, wilson
 
 
 def test_wilson_matches_published_values():

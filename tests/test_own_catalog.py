@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE, stage
-from stages.lib.catalog import load_catalog
+from cart_intent.catalog import load_catalog
 
 HARDWARE = ROOT / "tests" / "data" / "hardware_catalog.json"
 
@@ -61,7 +61,7 @@ def test_a_run_on_a_hardware_catalog_follows_it_everywhere(tmp_path):
     (lambda d: d["products"].append(dict(d["products"][0])), "product name 'Hammer' is empty or given twice"),
     (lambda d: d["products"][1].pop("es"), "Screwdriver has no es names"),
     (lambda d: d["products"][1]["en"].append({"sg": "hammer", "pl": "hammers"}), "'hammer' names both Hammer and"),
-    (lambda d: d.pop("units"), "not shaped like stages/lib/catalog.json"),
+    (lambda d: d.pop("units"), "not shaped like cart_intent/catalog.json"),
 ])
 def test_a_bad_catalog_is_one_line_exit_2(tmp_path, break_it, needle):
     data = json.loads(HARDWARE.read_text())

@@ -7,9 +7,9 @@ import shlex
 
 import pytest
 
-from stages.lib.cards import card_problems
-from stages.lib.catalog import load_catalog
-from stages.lib.task import build_prompt, is_valid, parse_output, read_split
+from cart_intent.cards import card_problems
+from cart_intent.catalog import load_catalog
+from cart_intent.task import build_prompt, is_valid, parse_output, read_split
 
 pytestmark = pytest.mark.integration
 SAMPLE = 20
@@ -57,7 +57,7 @@ def test_every_gguf_carries_the_merged_template(quantized, gguf_dir):
 def test_llama_cpp_chat_completion_answers_as_free_decoding(gguf_dir, texts):
     """The GGUF alone, through llama-cpp-python's chat path (its Jinja formatter on the embedded template)."""
     from llama_cpp import Llama
-    from stages.lib.backends import GGUFBackend
+    from cart_intent.backends import GGUFBackend
     backend = GGUFBackend(gguf_dir / "model-Q4_K_M.gguf", n_threads=2)
     free = [parse_output(c.text) for c in backend.generate([build_prompt(t) for t in texts])]
     llm = Llama(str(gguf_dir / "model-Q4_K_M.gguf"), n_ctx=512, n_threads=2, verbose=False)

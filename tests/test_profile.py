@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, stage
-from stages.lib import hardware
+from cart_intent import hardware
 
 
 def test_host_id_reads_as_hardware_and_is_stable():
@@ -82,7 +82,7 @@ def test_profile_cpu_without_gguf_names_make_target(tmp_path):
 def test_gpu_request_timing_logic_on_cpu(quantized):
     """profile-gpu's request loop and batched run, exercised on the CPU (no CUDA here): real answers stop at
     the closing brace; a fixed length with EOS off generates exactly that many tokens."""
-    from stages.lib.task import build_prompt
+    from cart_intent.task import build_prompt
     from stages.profile_gpu import batched_throughput, load_variant, timed_request
     backend = load_variant("fp16", str(quantized / "merge" / "tiny"))
     prompt = build_prompt("dodaj 3 paste za zube")

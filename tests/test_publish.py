@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE
-from stages.lib.artifacts import StageRun
-from stages.lib.config import ConfigError
+from cart_intent.artifacts import StageRun
+from cart_intent.config import ConfigError
 from stages.publish import PublishConfig, plan
 
 TOKEN = "hf_test_secret_never_shown_0123456789"
@@ -66,6 +66,6 @@ def test_a_card_without_front_matter_stops_the_plan(tmp_path):
 
 
 def test_a_missing_folder_names_its_target(tmp_path):
-    from stages.lib.artifacts import MissingArtifact
+    from cart_intent.artifacts import MissingArtifact
     with pytest.raises(MissingArtifact, match="make gguf"):
         plan(tmp_path / "smoke", "smoke", PublishConfig(namespace="someone", folders=["gguf"]))

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT, SMOKE, manifest, stage
 from stages.gguf.stage import SUPPORTED, GGUFConfig
-from stages.lib.config import load_stage_config
-from stages.lib.task import build_prompt
+from cart_intent.config import load_stage_config
+from cart_intent.task import build_prompt
 
 pytestmark = pytest.mark.integration
 PROMPT = build_prompt("dodaj 3 paste za zube")
@@ -36,7 +36,7 @@ def test_gguf_writes_every_configured_type_with_records(quantized):
 
 
 def test_each_gguf_loads_and_answers(quantized):
-    from stages.lib.backends import GGUFBackend
+    from cart_intent.backends import GGUFBackend
     for path in sorted((quantized / "gguf" / "tiny").glob("*.gguf")):
         [completion] = GGUFBackend(path, n_threads=2).generate([PROMPT])
         assert completion.completion_tokens > 0 and completion.text.strip(), path.name
@@ -56,7 +56,7 @@ def test_gptq_folder_records_and_loads_in_gptqmodel_and_transformers(quantized):
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["bits"] == 4
 
-    from stages.lib.backends import GPTQBackend, TransformersBackend
+    from cart_intent.backends import GPTQBackend, TransformersBackend
     backend = GPTQBackend.load(folder)
     assert backend.kernel == record["kernel"]
     assert backend.generate([PROMPT])[0].completion_tokens > 0

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from stages.lib.artifacts import MissingArtifact
-from stages.lib.metrics import score, summarize
-from stages.lib.records import BaselineRow, EvalRow, Scores, checked, read_rows
-from stages.lib.task import Completion
+from cart_intent.artifacts import MissingArtifact
+from cart_intent.metrics import score, summarize
+from cart_intent.records import BaselineRow, EvalRow, Scores, checked, read_rows
+from cart_intent.task import Completion
 
 EXAMPLE = {"id": "t1", "lang": "en", "text": "add 2 apples", "action": "add", "product": "Apple", "quantity": 2}
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import artifacts, registry
+from cart_intent import artifacts, registry
 from test_shape import COMMANDS, name_of
-from stages.lib.artifacts import MissingArtifact
+from cart_intent.artifacts import MissingArtifact
 
 ROOT = Path(__file__).resolve().parents[1]
 

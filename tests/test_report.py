@@ -3,8 +3,8 @@ import json
 import re
 
 from conftest import stage
-from stages.lib.artifacts import sha256_file
-from stages.lib.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, checked
+from cart_intent.artifacts import sha256_file
+from cart_intent.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, checked
 
 EM = {"fp16": 0.91, "gptq": 0.90, "gguf-f16": 0.91, "gguf-Q5_K_M": 0.93, "gguf-Q4_K_M": 0.925, "gguf-Q3_K_M": 0.922}
 SIZES = {"F16": 8_000_000, "Q5_K_M": 3_000_000, "Q4_K_M": 2_500_000, "Q3_K_M": 2_100_000}

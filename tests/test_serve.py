@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SMOKE
-from stages.lib.catalog import load_catalog
-from stages.lib.child import free_port
+from cart_intent.catalog import load_catalog
+from cart_intent.child import free_port
 
 pytestmark = pytest.mark.integration
 MAX_CHARS = 200
@@ -132,8 +132,8 @@ def test_chat_route_answers_as_the_model_and_the_intent_route(server, quantized)
     answer is the free-decoding one; with the answer's JSON Schema as response_format (either OpenAI form),
     the answer is /v1/intent's (schema-constrained), and schema-valid."""
     from openai import OpenAI
-    from stages.lib.backends import GGUFBackend
-    from stages.lib.task import build_prompt, parse_output, read_split
+    from cart_intent.backends import GGUFBackend
+    from cart_intent.task import build_prompt, parse_output, read_split
     client = OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0, timeout=120)
     [model] = [m.id for m in client.models.list().data]
     schema = json.loads((quantized / "gguf" / "tiny" / "schema.json").read_text())
@@ -422,3 +422,25 @@ def test_missing_gguf_exits_3_naming_make_gguf(tmp_path):
     proc = subprocess.run(command("predict", tmp_path, "serve.port=0") + ["--text", "x"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "serve.port" in proc.stderr
+
+
+def test_the_llama_server_back_end_answers_as_the_in_process_one(quantized):
+    """One inference interface: llama-server's slots (two answers at once, from two threads) give the in-process
+    llama.cpp back end's answers, constrained and free, on the same GGUF."""
+    from cart_intent.backends import GGUFBackend, LlamaServerBackend, answer_text
+    from cart_intent.intent import ServeConfig
+    from cart_intent.task import build_prompt
+    from stages.serve.llama_server import LlamaServer
+    path, names = quantized / "gguf" / "tiny" / "model-Q4_K_M.gguf", load_catalog().names
+    rows = [json.loads(line) for line in (quantized / "data" / "test.jsonl").read_text().splitlines()[:6]]
+    prompts = [build_prompt(row["text"]) for row in rows]
+    local = GGUFBackend(path, n_threads=2)
+    expected = [c.text for c in local.generate(prompts, constrained=True, products=names)]
+    expected_free = [answer_text(c.text) for c in local.generate(prompts)]
+    local.close()
+    with LlamaServer(path, ServeConfig(slots=2, threads=2), "tiny") as server:
+        backend = LlamaServerBackend(path, server.port, slots=2)
+        with ThreadPoolExecutor(2) as pool:
+            served = list(pool.map(lambda p: backend.generate([p], constrained=True, products=names)[0].text, prompts))
+        served_free = [answer_text(c.text) for c in backend.generate(prompts)]
+    assert served == expected and served_free == expected_free

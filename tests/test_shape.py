@@ -1,14 +1,15 @@
 """The code's shape: short functions, stages that never import each other, a stage's helpers in its own folder,
-library code in stages/lib, code hashes that follow the imports."""
+library code in cart_intent, code hashes that follow the imports."""
 import ast
 from pathlib import Path
 
 import pytest
 
-from stages.lib import artifacts
-from stages.lib.artifacts import code_dependencies, code_hash
+from cart_intent import artifacts
+from cart_intent.artifacts import code_dependencies, code_hash
 
-STAGES = Path(__file__).resolve().parents[1] / "stages"
+REPO = Path(__file__).resolve().parents[1]
+STAGES, LIBRARY = REPO / "stages", REPO / "cart_intent"
 MAX_FUNCTION_LINES = 60
 
 
@@ -23,8 +24,7 @@ def defines_main(path: Path) -> bool:
 # a command is stages/<name>.py, or stages/<name>/stage.py with its own helpers beside it (python -m stages.<name>)
 COMMANDS = sorted([p for p in STAGES.glob("*.py") if p.name != "__init__.py" and defines_main(p)]
                   + list(STAGES.glob("*/stage.py")))
-HELPERS = sorted(p for p in STAGES.glob("*/*.py") if p.parent.name != "lib"
-                 and p.name not in ("__init__.py", "__main__.py", "stage.py"))
+HELPERS = sorted(p for p in STAGES.glob("*/*.py") if p.name not in ("__init__.py", "__main__.py", "stage.py"))
 
 
 def name_of(command: Path) -> str:
@@ -37,10 +37,11 @@ def test_the_layout_is_what_this_file_expects():
             "transfer", "clean"} <= names
     assert {f"{p.parent.name}/{p.name}" for p in HELPERS} >= {"report/figures.py", "base/tiny.py", "generate/noise.py"}
     assert not [p for p in STAGES.glob("*.py") if p.name != "__init__.py" and not defines_main(p)], \
-        "a stage's helper goes in its folder, stages/<stage>/, library code in stages/lib"
+        "a stage's helper goes in its folder, stages/<stage>/, library code in cart_intent"
 
 
-@pytest.mark.parametrize("path", sorted(STAGES.rglob("*.py")), ids=lambda p: str(p.relative_to(STAGES)))
+@pytest.mark.parametrize("path", sorted([*STAGES.rglob("*.py"), *LIBRARY.glob("*.py")]),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_no_function_is_longer_than_a_screen(path):
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree(path))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -48,19 +49,18 @@ def test_no_function_is_longer_than_a_screen(path):
     assert not long
 
 
-@pytest.mark.parametrize("path", sorted([*STAGES.rglob("*.py"), *(STAGES.parent / "scripts").glob("*.py")]),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*STAGES.rglob("*.py"), *LIBRARY.glob("*.py"), *(REPO / "scripts").glob("*.py")]),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_the_top_of_a_file_names_the_project_modules_it_uses(path):
     inner = [f"line {node.lineno}: {node.module or '.'}" for function in ast.walk(tree(path))
              if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(function)
-             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("stages"))]
+             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in artifacts.PROJECT_PACKAGES)]
     assert not inner, f"imports of project modules inside functions (move them to the top): {inner}"
 
 
 def imported_stage_files(path: Path) -> set[Path]:
-    """The files of stages/ outside the library that path imports."""
-    return {p for p in artifacts.imported_modules(tree(path), path.parent)
-            if p.is_file() and STAGES in p.parents and p.parent.name != "lib"}
+    """The files of stages/ that path imports (the library, cart_intent/, is not a stage)."""
+    return {p for p in artifacts.imported_modules(tree(path), path.parent) if p.is_file() and STAGES in p.parents}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=name_of)
@@ -73,16 +73,16 @@ def test_a_stage_imports_no_other_stage(path):
 def test_a_helper_is_used_only_in_its_stage_folder(helper):
     users = {p for p in [*COMMANDS, *HELPERS] if helper in imported_stage_files(p)}
     assert users and {p.parent for p in users} == {helper.parent}, \
-        f"{helper.name} is used by {sorted(map(str, users))}: move it to stages/lib if shared, delete it if unused"
+        f"{helper.name} is used by {sorted(map(str, users))}: move it to cart_intent if shared, delete it if unused"
 
 
-def test_every_lib_module_is_used_by_a_stage_or_a_script():
-    """Library code lives in stages/lib (a stage's own helpers beside it); a module nothing uses is dead code."""
-    scripts = sorted((STAGES.parent / "scripts").glob("*.py"))
+def test_every_library_module_is_used_by_a_stage_or_a_script():
+    """Library code lives in cart_intent (a stage's own helpers beside it); a module nothing uses is dead code."""
+    scripts = sorted((REPO / "scripts").glob("*.py"))
     used = {dependency.name for command in COMMANDS + scripts for dependency in code_dependencies(command)
-            if dependency.parent.name == "lib"}
-    unused = {p.name for p in (STAGES / "lib").glob("*.py")} - used - {"__init__.py"}
-    assert not unused, f"lib modules nothing uses: {sorted(unused)}"
+            if dependency.parent == LIBRARY}
+    unused = {p.name for p in LIBRARY.glob("*.py")} - used - {"__init__.py"}
+    assert not unused, f"library modules nothing uses: {sorted(unused)}"
 
 
 def test_editing_a_helper_changes_only_its_stage_code_hash(monkeypatch):
@@ -95,7 +95,7 @@ def test_editing_a_helper_changes_only_its_stage_code_hash(monkeypatch):
 
 
 def test_editing_the_hardware_probes_reruns_only_the_benchmarks(monkeypatch):
-    """Every manifest records the host (lib/host.py); the probes (hardware.py) belong to the stages that measure."""
+    """Every manifest records the host (cart_intent/host.py); the probes (hardware.py) belong to the stages that measure."""
     before = {name_of(p): code_hash(p) for p in COMMANDS}
     real = artifacts.sha256_file
     monkeypatch.setattr(artifacts, "sha256_file",
@@ -106,7 +106,7 @@ def test_editing_the_hardware_probes_reruns_only_the_benchmarks(monkeypatch):
 
 def test_every_shipped_data_file_is_in_the_code_hash_of_the_stages_that_read_it():
     """Found through data_file(__file__, name) calls, not by matching strings that look like file names."""
-    shipped = {p for p in STAGES.rglob("*.json") if "__pycache__" not in p.parts}
+    shipped = {p for p in [*STAGES.rglob("*.json"), *LIBRARY.glob("*.json")]}
     hashed = {d for command in COMMANDS for d in code_dependencies(command) if d.suffix == ".json"}
     assert shipped and shipped == hashed
     assert {p.name for p in code_dependencies(STAGES / "finetune.py") if p.suffix == ".json"} == {"catalog.json"}

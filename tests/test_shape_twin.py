@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.lib.models import SHAPE_TWINS, model_slug
+from cart_intent.models import SHAPE_TWINS, model_slug
 
 
 def test_llama_1b_twin_matches_the_real_shape():

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.lib.artifacts import MissingArtifact, StageRun
-from stages.lib.task import (BadExamples, build_completion, build_prompt, exact_match, field_matches, format_answer,
+from cart_intent.artifacts import MissingArtifact, StageRun
+from cart_intent.task import (BadExamples, build_completion, build_prompt, exact_match, field_matches, format_answer,
                              is_valid, parse_output, read_examples, read_split)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_rows_outside_the_schema_are_rejected_with_file_and_line(tmp_path, chang
 def test_line_separators_inside_a_text_survive_the_jsonl_round_trip(tmp_path, separator):
     """Rows are written with ensure_ascii=False, which leaves these unescaped; a reader splitting at them cut a
     row in two ("not valid JSON" in the next stage). Every JSONL reader splits at "\\n" only."""
-    from stages.lib.artifacts import read_jsonl, write_jsonl
+    from cart_intent.artifacts import read_jsonl, write_jsonl
     row = {**ROW, "text": f"add 12 lip{separator}balms"}
     write_jsonl(tmp_path / "train.jsonl", [row, ROW])
     assert read_examples(tmp_path / "train.jsonl", {"Lip Balm"}) == [row, ROW]

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from stages import transfer
-from stages.lib.artifacts import sha256_file
+from cart_intent.artifacts import sha256_file
 
 
 def _stage(folder, files: dict[str, bytes], stage: str) -> None:

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.base.tiny import TinyConfig, build_tiny, train_tokenizer
-from stages.lib import artifacts, cli, registry
-from stages.lib.catalog import run_catalog
-from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.models import PACKAGED_MODELS, SHAPE_TWINS, model_slug
-from stages.lib.task import read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.catalog import run_catalog
+from cart_intent.config import ConfigError, as_dict, require
+from cart_intent.models import PACKAGED_MODELS, SHAPE_TWINS, model_slug
+from cart_intent.task import read_split
 
 PACKAGES = ["torch", "transformers", "sentencepiece", "huggingface_hub", "safetensors", "gguf", "pip"]
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
-from stages.lib.cli import console
-from stages.lib.config import require
-from stages.lib.generation import exact_match_rate
-from stages.lib.task import INSTRUCTION, format_answer
+from cart_intent.catalog import DOZEN, LANGUAGES, NUMBER_WORDS, Catalog
+from cart_intent.cli import console
+from cart_intent.config import require
+from cart_intent.generation import exact_match_rate
+from cart_intent.task import INSTRUCTION, format_answer
 
 @dataclass
 class TinyConfig:

@@ -11,10 +11,10 @@ import random
 import re
 import unicodedata
 
-from stages.lib import cli
-from stages.lib.api_client import ApiUnavailable, OpenAICompatible, ResponseCache
-from stages.lib.catalog import NUMBER_WORDS, Catalog
-from stages.lib.task import text_key
+from cart_intent import cli
+from cart_intent.api_client import ApiUnavailable, OpenAICompatible, ResponseCache
+from cart_intent.catalog import NUMBER_WORDS, Catalog
+from cart_intent.task import text_key
 
 LANGUAGE_NAMES = {"en": "English", "hr": "Croatian", "es": "Spanish"}
 STYLES = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from stages.lib.catalog import NUMBER_WORDS
+from cart_intent.catalog import NUMBER_WORDS
 
 NOISE_KINDS = ("greeting", "signoff", "slang", "brand", "unrelated_number", "code_switch",
                "typo", "emoji", "casing", "punctuation")

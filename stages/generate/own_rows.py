@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lib.catalog import LANGUAGES
-from stages.lib.config import ConfigError
-from stages.lib.task import BadExamples, numbered_examples, text_key
+from cart_intent.catalog import LANGUAGES
+from cart_intent.config import ConfigError
+from cart_intent.task import BadExamples, numbered_examples, text_key
 
 
 def read_own_rows(path: Path, catalog_names: set[str]) -> list[dict]:

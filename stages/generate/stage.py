@@ -26,13 +26,13 @@ from rich.text import Text
 from stages.generate import metaprompt
 from stages.generate.own_rows import read_own_rows
 from stages.generate.noise import NOISE_FUNCTIONS, NOISE_KINDS
-from stages.lib import artifacts, cli
-from stages.lib.api_client import ApiSettings
-from stages.lib.cards import card, dataset_meta
-from stages.lib.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, CatalogError, indefinite, load_catalog,
+from cart_intent import artifacts, cli
+from cart_intent.api_client import ApiSettings
+from cart_intent.cards import card, dataset_meta
+from cart_intent.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, CatalogError, indefinite, load_catalog,
                                 quantity_phrase, unit_phrase)
-from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.task import MAX_QUANTITY, text_key
+from cart_intent.config import ConfigError, as_dict, require
+from cart_intent.task import MAX_QUANTITY, text_key
 
 TEMPLATES_PATH = artifacts.data_file(__file__, "templates.json")
 
@@ -53,7 +53,7 @@ class GenerateConfig:
     # whole; generated examples are added so that the file's rows are data_file_share of the dataset.
     data_file: str = ""
     data_file_share: float = 1.0
-    # A product catalog of your own, shaped like stages/lib/catalog.json ("": the shipped 48 products); it is
+    # A product catalog of your own, shaped like cart_intent/catalog.json ("": the shipped 48 products); it is
     # copied to data/catalog.json, and every later stage, the schema and /v1/intent follow it.
     catalog: str = ""
     seed: int = 1234

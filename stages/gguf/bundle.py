@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.lib.cards import card, model_meta, model_origin
-from stages.lib.task import ANSWER_TOKENS, answer_gbnf, answer_json_schema, build_prompt
+from cart_intent.cards import card, model_meta, model_origin
+from cart_intent.task import ANSWER_TOKENS, answer_gbnf, answer_json_schema, build_prompt
 
 # Ollama's default type: the paper's recommended size/accuracy point
 DEFAULT_TYPE = "Q4_K_M"

@@ -1,7 +1,7 @@
 """gguf: llama.cpp files of each merged FP16 model (and of a shape twin's weights): F16 plus k-quants.
 
 One llama.cpp version does everything: the commit vendored in the pinned llama-cpp-python. Its
-`convert_hf_to_gguf.py` (installed by `make venv`, see stages/lib/llama_cpp_tools.py) writes
+`convert_hf_to_gguf.py` (installed by `make venv`, see scripts/llama_cpp_build.py) writes
 model-f16.gguf; the binding's `llama_model_quantize` makes each type in `types`. Each quantized
 file's greedy answers are compared with the FP16 model's on validation prompts (recorded, not a gate).
 
@@ -25,13 +25,13 @@ from pathlib import Path
 from rich.text import Text
 
 from stages.gguf.bundle import write_bundle
-from stages.lib import artifacts, cli, registry
-from stages.lib.backends import GGUFBackend, TransformersBackend, agreement
-from stages.lib.catalog import run_catalog
-from stages.lib.config import ConfigError, as_dict, require
-from stages.lib.llama_cpp_tools import ToolsMissing, converter, tensor_types
-from stages.lib.models import count_parameters, quantization_sources
-from stages.lib.task import build_prompt, read_split
+from cart_intent import artifacts, cli, registry
+from cart_intent.backends import GGUFBackend, TransformersBackend, agreement
+from cart_intent.catalog import run_catalog
+from cart_intent.config import ConfigError, as_dict, require
+from cart_intent.llama_cpp_tools import ToolsMissing, converter, tensor_types
+from cart_intent.models import count_parameters, quantization_sources
+from cart_intent.task import build_prompt, read_split
 
 PACKAGES = ["llama-cpp-python", "torch", "transformers", "sentencepiece", "numpy"]
 # What llama.cpp makes without an importance matrix (IQ1/IQ2 and Q2_K_S need one; TQ and FP4 types are

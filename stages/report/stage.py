@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.report import figures
-from stages.lib import artifacts, cli, registry
-from stages.lib.config import as_dict, require
-from stages.lib.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, read_rows
-from stages.lib.render import fmt, render, write_csv_tables
+from cart_intent import artifacts, cli, registry
+from cart_intent.config import as_dict, require
+from cart_intent.records import BaselineRow, CpuRow, EvalRow, GpuRow, ServeRow, read_rows
+from cart_intent.render import fmt, render, write_csv_tables
 
 PACKAGES = ["matplotlib"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from stages.lib.backends import GGUFBackend
-from stages.lib.intent import IntentModel, ServeConfig
-from stages.lib.llama_internals import server_llama
-from stages.lib.task import answer_gbnf, answer_json_schema
+from cart_intent.backends import GGUFBackend
+from cart_intent.intent import IntentModel, ServeConfig
+from cart_intent.llama_internals import server_llama
+from cart_intent.task import answer_gbnf, answer_json_schema
 from stages.serve.routes import AnswerSchemaAsGrammar, IntentRequest, alias
 
 

@@ -12,9 +12,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from stages.lib.intent import IntentRules, ServeConfig
-from stages.lib.task import answer_gbnf, answer_json_schema
-from stages.serve.llama_server import IntentDecoder, LlamaServer, ServerFailed
+from cart_intent.backends import Cancelled, LlamaServerBackend, ServerFailed
+from cart_intent.intent import IntentRules, ServeConfig
+from cart_intent.task import answer_gbnf, answer_json_schema, build_prompt
+from stages.serve.llama_server import LlamaServer
 from stages.serve.routes import AnswerSchemaAsGrammar, IntentRequest
 
 # hop-by-hop headers (RFC 9110 7.6.1) and the ones the HTTP layers recompute: never passed through
@@ -39,7 +40,7 @@ async def unless_disconnected(request, pending, on_gone=None):
         gone = asyncio.ensure_future(request.receive())   # more of a body nobody reads: keep listening
 
 
-def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, decoder: IntentDecoder):
+def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, backend: LlamaServerBackend):
     """/v1/intent decided on llama-server (the in-process engine's constrained decoder, its model calls made
     by llama-server on one slot) with the same checks; every other route passed through, streamed."""
     upstream = httpx2.AsyncClient(base_url=server.url, timeout=None, limits=httpx2.Limits(
@@ -60,8 +61,17 @@ def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, 
         if problem:
             return JSONResponse({"detail": problem}, status_code=422)
         began, cancelled = time.perf_counter(), threading.Event()
+
+        def decide() -> str | None:
+            try:
+                [answer] = backend.generate([build_prompt(body.text.strip())], constrained=True,
+                                            products=rules.products, cancelled=cancelled)
+            except Cancelled:
+                return None
+            return answer.text
+
         try:
-            raw = await unless_disconnected(request, run_in_threadpool(decoder, body.text, cancelled), cancelled.set)
+            raw = await unless_disconnected(request, run_in_threadpool(decide), cancelled.set)
         except ServerFailed as err:
             return unavailable(str(err))
         if raw is None:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.middleware.cors import CORSMiddleware
 
-from stages.lib.intent import ServeConfig
+from cart_intent.intent import ServeConfig
 
 
 class IntentRequest(BaseModel):

@@ -30,16 +30,16 @@ import socket
 
 from rich.text import Text
 
-from stages.lib import cli
-from stages.lib.artifacts import StageBusy
-from stages.lib.backends import GGUFBackend, answer_schema
-from stages.lib.catalog import run_catalog
-from stages.lib.child import ChildFailed
-from stages.lib.config import ConfigError
-from stages.lib.intent import IntentRules, ServeConfig, gguf_path
-from stages.lib.llama_cpp_tools import ToolsMissing
+from cart_intent import cli
+from cart_intent.artifacts import StageBusy
+from cart_intent.backends import LlamaServerBackend
+from cart_intent.catalog import run_catalog
+from cart_intent.child import ChildFailed
+from cart_intent.config import ConfigError
+from cart_intent.intent import IntentRules, ServeConfig, gguf_path
+from cart_intent.llama_cpp_tools import ToolsMissing
 from stages.serve.in_process import create_app
-from stages.serve.llama_server import IntentDecoder, LlamaServer
+from stages.serve.llama_server import LlamaServer
 from stages.serve.proxy import create_proxy_app
 from stages.serve.routes import alias, guarded
 
@@ -69,17 +69,14 @@ def serve(run, cfg: ServeConfig, args) -> int:
         app = create_app(path, cfg, products)
         cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}; one request at a time)")
         return run_until_stopped(guarded(app, cfg), cfg)
-    from llama_cpp import Llama   # the engine's library: loaded once serving, not for --help
-    vocab = GGUFBackend.wrapping(Llama(str(path), vocab_only=True, verbose=False))   # tokens only, no weights
-    tokenize = vocab.stepper().tokenize
-    vocabulary = vocab.vocabulary()
     try:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
-            rules = IntentRules(tokenize, server.slot_context(), cfg.max_text_chars, products)
-            decoder = IntentDecoder(server, tokenize, vocabulary, answer_schema(tuple(products)))
+            backend = LlamaServerBackend(path, server.port, cfg.slots, cfg.prompt_cache)
+            backend.vocabulary()   # built once, before the first request
+            rules = IntentRules(backend.tokenize, server.slot_context(), cfg.max_text_chars, products)
             cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
                               f"/metrics; llama-server, {cfg.slots} slots)")
-            return run_until_stopped(guarded(create_proxy_app(server, cfg, rules, decoder), cfg), cfg)
+            return run_until_stopped(guarded(create_proxy_app(server, cfg, rules, backend), cfg), cfg)
     except (ChildFailed, ToolsMissing) as err:
         cli.console.print(Text.assemble(("serve failed ", "red"), str(err)))
         return cli.EXIT_FAILED

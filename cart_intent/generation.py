@@ -1,7 +1,7 @@
 """Greedy batched generation with transformers models (left padding), and the few-shot scorer.
 
 Used by the fine-tuning callback, the merge parity check and the base model's few-shot probe. Evaluation,
-quantization parity and profiling go through stages/lib/backends.py instead, whose transformers back end
+quantization parity and profiling go through cart_intent/backends.py instead, whose transformers back end
 also times each batch and shares the constrained decoder with the GGUF back end.
 """
 from __future__ import annotations

@@ -1,19 +1,27 @@
-"""llama.cpp built from the pinned llama-cpp-python sdist: the Python binding, llama-server and the converter.
+"""Build llama.cpp from the pinned llama-cpp-python sdist: the Python binding, llama-server and the converter.
 
-One llama.cpp version converts, quantizes, runs and serves: the commit vendored in the pinned
-llama-cpp-python. `make venv` runs `python stages/lib/llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE`
-once: pip downloads the sdist (hash-pinned below), compiles it for CMAKE_ARGS into a wheel kept under
-CACHE by build key (never pip's wheel cache, which ignores CMAKE_ARGS), installs it, compiles llama.cpp's
-own HTTP server (`llama-server`, static, same CMAKE_ARGS, cached beside the wheel) into
-`<venv>/share/llama.cpp/bin/`, and keeps `convert_hf_to_gguf.py`, its `conversion/` package and `gguf-py/`
-under `<venv>/share/llama.cpp/`, with the commit in `COMMIT` and the build (with the server's build time)
-in `BUILD.json`. `check` then proves the library loads as asked and the server runs.
-The images run `install` (the converter, and llama-server for the CPU image; they compile the binding with
-their own CMAKE_ARGS).
-No llama.cpp code is copied into this repository. Stdlib only: it runs before anything else is installed.
+One llama.cpp version converts, quantizes, runs and serves: the commit vendored in the llama-cpp-python sdist
+that requirements/llama-cpp.json pins (version, sdist SHA-256, llama.cpp commit: the one place they are written;
+requirements/gguf.txt names the same version for pip, a test keeps them equal).
+
+  python scripts/llama_cpp_build.py build PIN CMAKE_ARGS CACHE     `make venv`
+  python scripts/llama_cpp_build.py check PIN CMAKE_ARGS           `make venv`, once the requirements are in
+  python scripts/llama_cpp_build.py install PIN [SERVER_CMAKE_ARGS]   the images
+
+`build`: pip downloads the sdist (hash-checked), compiles it for CMAKE_ARGS into a wheel kept under CACHE by build
+key (never pip's wheel cache, which ignores CMAKE_ARGS), installs it, compiles llama.cpp's own HTTP server
+(`llama-server`, static, same CMAKE_ARGS, cached beside the wheel) into `<venv>/share/llama.cpp/bin/`, and keeps
+`convert_hf_to_gguf.py`, its `conversion/` package and `gguf-py/` under `<venv>/share/llama.cpp/`, with the
+commit in `COMMIT` and the build (with the server's build time) in `BUILD.json`. `check` proves the library
+loads as asked and the server runs and names the pinned commit. `install` (the images, which compile the binding
+with their own CMAKE_ARGS through pip) adds the converter, and llama-server when SERVER_CMAKE_ARGS are given.
+Every step checks the sdist's vendored commit against the pin. The stages find these files through
+cart_intent/llama_cpp_tools.py. No llama.cpp code is copied into this repository. Stdlib only: it runs before
+anything else is installed, and alone in an image's build stage.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -24,13 +32,33 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-PACKAGE = "llama-cpp-python"
 KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-# sdists this code accepts (pip checks the download against it)
-SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
+
+
+@dataclass(frozen=True)
+class Pin:
+    """requirements/llama-cpp.json: the sdist the whole project builds llama.cpp from."""
+    package: str
+    version: str
+    sdist_sha256: str
+    llama_cpp_commit: str
+
+
+def read_pin(path: Path) -> Pin:
+    try:
+        return Pin(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"{path}: not a llama.cpp pin ({err}): it needs package, version, sdist_sha256 and "
+                         f"llama_cpp_commit") from None
+
+
+def tools_dir() -> Path:
+    """Where the converter and llama-server go (the stages look there too, cart_intent/llama_cpp_tools.py)."""
+    return Path(os.environ.get("LLAMA_CPP_TOOLS", Path(sys.prefix) / "share" / "llama.cpp"))
 
 
 # llama-server alone: no web UI (it would be fetched), no curl/OpenSSL (models are local files), one static
@@ -44,84 +72,19 @@ SERVER_CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA
 EXTRACT_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class ToolsMissing(Exception):
-    """The converter or llama-server is not installed where the stage looks for it."""
-
-
-def tools_dir() -> Path:
-    return Path(os.environ.get("LLAMA_CPP_TOOLS", Path(sys.prefix) / "share" / "llama.cpp"))
-
-
-def server_binary() -> Path:
-    """llama-server as `make venv` (or the CPU image) installed it; LLAMA_SERVER names another build."""
-    path = Path(os.environ.get("LLAMA_SERVER") or tools_dir() / "bin" / "llama-server")
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise ToolsMissing(f"llama-server not found at {path}: run `make venv` (it compiles it from the pinned "
-                           f"llama.cpp), or set serve.engine=\"llama-cpp-python\"")
-    return path
-
-
-def converter() -> tuple[Path, str]:
-    """Path of convert_hf_to_gguf.py and the llama.cpp commit it came from."""
-    folder = tools_dir()
-    script, commit = folder / "convert_hf_to_gguf.py", folder / "COMMIT"
-    if not (script.is_file() and commit.is_file()):
-        raise ToolsMissing(f"llama.cpp converter not found in {folder}: run `make venv` "
-                           f"(or `python -m stages.lib.llama_cpp_tools install`)")
-    return script, commit.read_text().strip()
-
-
-def weights_read_per_token(gguf_file: Path) -> dict:
-    """Bytes of weights one decode step reads: every tensor, except the token embedding table when the
-    model has a separate output matrix (then only one row of it is looked up per token)."""
-    script, _ = converter()
-    sys.path.insert(0, str(script.parent / "gguf-py"))
-    from gguf import GGUFReader
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf_file)).tensors}
-    separate_output = "output.weight" in tensors
-    read = sum(n for name, n in tensors.items() if not (separate_output and name == "token_embd.weight"))
-    return {"bytes_per_token": read, "tensor_bytes": sum(tensors.values()), "tied_embeddings": not separate_output}
-
-
-def tensor_types(gguf_file: Path) -> dict[str, dict]:
-    """Storage type -> tensors, parameters and bytes in one GGUF file: which tensors a k-quant left in another
-    type (llama.cpp falls back when a row length is not a multiple of the type's block, e.g. 576 for 256)."""
-    script, _ = converter()
-    sys.path.insert(0, str(script.parent / "gguf-py"))
-    from gguf import GGUFReader
-    mix: dict[str, dict] = {}
-    for tensor in GGUFReader(str(gguf_file)).tensors:
-        entry = mix.setdefault(tensor.tensor_type.name, {"tensors": 0, "parameters": 0, "bytes": 0})
-        entry["tensors"] += 1
-        entry["parameters"] += int(tensor.n_elements)
-        entry["bytes"] += int(tensor.n_bytes)
-    return dict(sorted(mix.items(), key=lambda kv: -kv[1]["parameters"]))
-
-
-def pinned_version(requirements: Path) -> str:
-    """The llama-cpp-python version a requirements file pins (`llama-cpp-python[...]==X`)."""
-    for line in requirements.read_text().splitlines():
-        name, sep, rest = line.split("#")[0].partition("==")
-        if sep and name.split("[")[0].strip().lower() == PACKAGE:
-            return rest.strip()
-    raise SystemExit(f"{requirements}: no `{PACKAGE}==<version>` line")
-
-
-def fetch_sdist(version: str, folder: Path) -> Path:
-    """The sdist through pip (the user's index and proxy settings apply), hash-checked against SDIST_SHA256.
+def fetch_sdist(pin: Pin, folder: Path) -> Path:
+    """The sdist through pip (the user's index and proxy settings apply), hash-checked against the pin.
     Only this package as source: pip prepares its metadata in a build environment, whose own requirements
     (cmake, ninja, scikit-build-core) would otherwise be compiled from source too (minutes, not seconds)."""
-    if version not in SDIST_SHA256:
-        raise SystemExit(f"no sha256 pinned for {PACKAGE}=={version}: add it to SDIST_SHA256 in {__file__}")
-    archive = folder / f"llama_cpp_python-{version}.tar.gz"
-    if archive.is_file() and hashlib.sha256(archive.read_bytes()).hexdigest() == SDIST_SHA256[version]:
+    archive = folder / f"{pin.package.replace('-', '_')}-{pin.version}.tar.gz"
+    if archive.is_file() and hashlib.sha256(archive.read_bytes()).hexdigest() == pin.sdist_sha256:
         return archive
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pins = Path(tmp) / "requirements.txt"
-        pins.write_text(f"{PACKAGE}=={version} --hash=sha256:{SDIST_SHA256[version]}\n")
+        pins.write_text(f"{pin.package}=={pin.version} --hash=sha256:{pin.sdist_sha256}\n")
         subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
-                        "--no-binary", PACKAGE, "--require-hashes", "-r", str(pins), "-d", str(folder)], check=True)
+                        "--no-binary", pin.package, "--require-hashes", "-r", str(pins), "-d", str(folder)], check=True)
     return archive
 
 
@@ -231,18 +194,22 @@ def install_server(folder: Path, dest: Path) -> None:
     shutil.copy2(folder / "bin" / "llama-server", dest / "bin" / "llama-server")
 
 
-def check_server() -> None:
-    """The installed llama-server starts (an instruction its CPU lacks would kill it here, not in a test)."""
-    proc = subprocess.run([str(server_binary()), "--version"], capture_output=True, text=True)
+def check_server(pin: Pin) -> None:
+    """The installed llama-server starts (an instruction its CPU lacks would kill it here, not in a test) and
+    names the pinned commit."""
+    binary = Path(os.environ.get("LLAMA_SERVER") or tools_dir() / "bin" / "llama-server")
+    try:
+        proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    except OSError as err:
+        raise SystemExit(f"llama-server does not run ({err}): rebuild with `rm -rf {sys.prefix} && make venv`") from None
     if proc.returncode != 0:
         raise SystemExit(f"llama-server does not run (exit code {proc.returncode}): rebuild with "
                          f"`rm -rf {sys.prefix} && make venv`")
     version = (proc.stdout + proc.stderr).strip()
-    commit_file = tools_dir() / "COMMIT"
-    pinned = commit_file.read_text().strip()[:7] if commit_file.is_file() else ""
-    if pinned and pinned not in version:   # "version: 0.5.0-dev (build 1, commit 0c1e570)"; without git: "unknown"
-        raise SystemExit(f"llama-server does not name the pinned commit {pinned} ({version.splitlines()[0]}): build it "
-                         f"where git is installed, which reads the commit from the sdist's git metadata")
+    if pin.llama_cpp_commit[:7] not in version:   # "version: 0.5.0-dev (build 1, commit 0c1e570)"; no git: "unknown"
+        raise SystemExit(f"llama-server does not name the pinned commit {pin.llama_cpp_commit[:7]} "
+                         f"({version.splitlines()[0]}): build it where git is installed, which reads the commit "
+                         f"from the sdist's git metadata")
     print(f"llama-server runs ({version.splitlines()[0]})")
 
 
@@ -256,68 +223,90 @@ def extract(sdist: Path, version: str, wanted, dest: Path) -> None:
                 tar.extract(member, dest, **EXTRACT_FILTER)
 
 
-def install_converter(sdist: Path, version: str, dest: Path) -> str:
-    """Keep the converter files of the sdist's vendored llama.cpp in dest; returns its commit."""
+def install_converter(sdist: Path, pin: Pin, dest: Path) -> str:
+    """Keep the converter files of the sdist's vendored llama.cpp in dest; returns its commit (the pinned one)."""
     with tempfile.TemporaryDirectory() as tmp:
         vendor, head = "vendor/llama.cpp/", ".git/modules/vendor/llama.cpp/HEAD"
-        extract(sdist, version, lambda path: path == head or (path.startswith(vendor)
+        extract(sdist, pin.version, lambda path: path == head or (path.startswith(vendor)
                                                               and path[len(vendor):].startswith(KEEP)), Path(tmp))
         commit = (Path(tmp) / head).read_text().strip()
+        if commit != pin.llama_cpp_commit:
+            raise SystemExit(f"{sdist.name} vendors llama.cpp {commit}, not the pinned {pin.llama_cpp_commit}: "
+                             f"correct requirements/llama-cpp.json")
         staging = Path(tmp) / "llama.cpp"
         (Path(tmp) / vendor).rename(staging)
         (staging / "COMMIT").write_text(commit + "\n")
-        (staging / "VERSION").write_text(f"{PACKAGE}=={version}\n")
+        (staging / "VERSION").write_text(f"{pin.package}=={pin.version}\n")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(staging, dest)
     return commit
 
 
-def build(requirements: Path, cmake_args: str, cache: Path) -> None:
+def build(pin: Pin, cmake_args: str, cache: Path) -> None:
     """`make venv`: the pinned sdist -> a wheel compiled for cmake_args (cached by build key) -> installed
     here without its dependencies (the requirement files pin those; `check` runs once they are in) ->
     llama-server compiled for the same cmake_args (cached by the same key) -> the converter from the same
     sdist, with the build recorded in BUILD.json."""
-    version = pinned_version(requirements)
-    sdist = fetch_sdist(version, cache / "sdist")
-    key = f"{version}-{build_key(version, cmake_args)}"
+    sdist = fetch_sdist(pin, cache / "sdist")
+    key = f"{pin.version}-{build_key(pin.version, cmake_args)}"
     wheel = build_wheel(sdist, cmake_args, cache / key)
     subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
                     "--force-reinstall", str(wheel)], check=True)
     server_folder = cache / f"{key}-server"
-    server = build_server(sdist, version, cmake_args, server_folder)
+    server = build_server(sdist, pin.version, cmake_args, server_folder)
     target = tools_dir()
-    commit = install_converter(sdist, version, target)
+    commit = install_converter(sdist, pin, target)
     install_server(server_folder, target)
-    (target / "BUILD.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args, "wheel": wheel.name,
-                                                   "commit": commit, "server": server}, indent=2) + "\n")
-    print(f"llama.cpp {commit} ({PACKAGE} {version}, CMAKE_ARGS={cmake_args!r}) installed; converter in {target}")
+    (target / "BUILD.json").write_text(json.dumps({"version": pin.version, "cmake_args": cmake_args,
+                                                   "wheel": wheel.name, "commit": commit, "server": server},
+                                                  indent=2) + "\n")
+    print(f"llama.cpp {commit} ({pin.package} {pin.version}, CMAKE_ARGS={cmake_args!r}) installed; converter in {target}")
+
+
+def install(pin: Pin, server_cmake_args: str | None) -> None:
+    """The images: pip installed the binding (with the image's CMAKE_ARGS); add the converter, and llama-server
+    compiled for server_cmake_args when given, from the same sdist."""
+    installed = metadata.version(pin.package)
+    if installed != pin.version:
+        raise SystemExit(f"{pin.package} {installed} is installed, the pin says {pin.version}: "
+                         f"requirements/gguf.txt and requirements/llama-cpp.json must name the same version")
+    target = tools_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = fetch_sdist(pin, Path(tmp))
+        commit = install_converter(sdist, pin, target)
+        print(f"llama.cpp {commit} converter installed in {target}")
+        if server_cmake_args is not None:
+            info = build_server(sdist, pin.version, server_cmake_args, Path(tmp) / "server")
+            install_server(Path(tmp) / "server", target)
+            check_server(pin)
+            print(f"llama-server built in {info['build_s']} s, installed in {target / 'bin'}")
 
 
 def main(argv: list[str]) -> None:
-    usage = ("usage: llama_cpp_tools.py build REQUIREMENTS CMAKE_ARGS CACHE_DIR   (make venv: compile, install)\n"
-             "       llama_cpp_tools.py check CMAKE_ARGS   (make venv, after the requirements: loads, as asked)\n"
-             "       llama_cpp_tools.py install [SERVER_CMAKE_ARGS]   (for images: the installed version's\n"
-             "           converter, and llama-server compiled for SERVER_CMAKE_ARGS when given)")
-    if argv[:1] == ["build"] and len(argv) == 4:
-        build(Path(argv[1]), argv[2], Path(argv[3]))
-    elif argv[:1] == ["check"] and len(argv) == 2:
-        check_installed(argv[1])
-        check_server()
-    elif argv[:1] == ["install"] and len(argv) <= 2:
-        version, target = metadata.version(PACKAGE), tools_dir()
-        with tempfile.TemporaryDirectory() as tmp:
-            sdist = fetch_sdist(version, Path(tmp))
-            commit = install_converter(sdist, version, target)
-            print(f"llama.cpp {commit} converter installed in {target}")
-            if len(argv) == 2:
-                info = build_server(sdist, version, argv[1], Path(tmp) / "server")
-                install_server(Path(tmp) / "server", target)
-                check_server()
-                print(f"llama-server built in {info['build_s']} s, installed in {target / 'bin'}")
+    parser = argparse.ArgumentParser(prog="llama_cpp_build.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("build", "make venv: compile the pinned sdist for CMAKE_ARGS and install it"),
+                       ("check", "make venv, once the requirements are in: the library loads as asked, the server runs"),
+                       ("install", "images: the installed version's converter, and llama-server when "
+                                   "SERVER_CMAKE_ARGS are given")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("pin", type=Path, help="requirements/llama-cpp.json")
+        if name == "install":
+            command.add_argument("server_cmake_args", nargs="?", help="CMake arguments for llama-server")
+        else:
+            command.add_argument("cmake_args", help="CMake arguments of the binding (\"\": a native build)")
+        if name == "build":
+            command.add_argument("cache", type=Path, help="where compiled wheels are kept by build key")
+    args = parser.parse_args(argv)
+    pin = read_pin(args.pin)
+    if args.command == "build":
+        build(pin, args.cmake_args, args.cache)
+    elif args.command == "check":
+        check_installed(args.cmake_args)
+        check_server(pin)
     else:
-        raise SystemExit(usage)
-
+        install(pin, args.server_cmake_args)
 
 if __name__ == "__main__":
     try:

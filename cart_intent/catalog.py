@@ -78,7 +78,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CatalogError(f"{path}: not a readable JSON catalog ({err})") from None
     except (KeyError, TypeError, AttributeError) as err:
-        raise CatalogError(f"{path}: not shaped like stages/lib/catalog.json ({type(err).__name__}: {err})") from None
+        raise CatalogError(f"{path}: not shaped like cart_intent/catalog.json ({type(err).__name__}: {err})") from None
 
 
 def _build(path: Path, data: dict) -> Catalog:

@@ -26,7 +26,9 @@ MANIFEST = "manifest.json"
 # the temporary folder this process's stage writes into: named when a write fails without naming its file
 WRITING_INTO: list[Path] = []
 RESUME_STAMP = ".fingerprint.json"  # in a temporary folder: what the attempt that wrote it ran with
-REPO_DIR = Path(__file__).resolve().parents[2]
+REPO_DIR = Path(__file__).resolve().parents[1]
+# top-level packages whose modules enter a code hash: the commands and the library
+PROJECT_PACKAGES = ("stages", "cart_intent")
 
 
 class MissingArtifact(Exception):
@@ -56,7 +58,7 @@ def data_file(module: str, name: str) -> Path:
 
 
 def code_dependencies(source: Path) -> list[Path]:
-    """The project modules a file imports, transitively (stages/lib modules and a stage's own helpers), and the
+    """The project modules a file imports, transitively (cart_intent modules and a stage's own helpers), and the
     data files they name through `data_file(__file__, "<name>")`."""
     found: dict[Path, None] = {}
     data: set[Path] = set()
@@ -87,7 +89,7 @@ def imported_modules(tree: ast.AST, folder: Path) -> list[Path]:
             continue
         if node.level:  # from . import x, from .x import y: beside the importing file
             base = folder.joinpath(*([".."] * (node.level - 1)), *(node.module or "").split(".")).resolve()
-        elif (node.module or "").split(".")[0] == "stages":
+        elif (node.module or "").split(".")[0] in PROJECT_PACKAGES:
             base = REPO_DIR.joinpath(*node.module.split("."))
         else:
             continue

@@ -1,16 +1,22 @@
-"""One inference interface over three back ends: transformers, GPTQ folders and GGUF files.
+"""One inference interface over four back ends: transformers, GPTQ folders, GGUF files in this process, and GGUF
+files served by a running llama-server (its slots decode several sequences at once).
 
 `backend.generate(prompts)` returns one `Completion` per prompt (raw text, token counts, model
 calls, seconds), greedy, stopped once the JSON object closes or after `max_new_tokens`;
 `generate(prompts, constrained=True, products=...)` decodes only valid answers (over a run's catalog) with jump-forward
-(stages/lib/constrained.py). Quantization parity, evaluation and profiling all call this, so a
+(cart_intent/constrained.py). Quantization parity, evaluation and profiling all call this, so a
 variant is scored and timed by one code path.
 """
 from __future__ import annotations
 
 import functools
+import http.client
+import json
 import os
+import queue
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import constrained as schema_decoding
@@ -27,17 +33,21 @@ def answer_schema(products: tuple[str, ...]) -> schema_decoding.AnswerSchema:
 
 def constrained_generate(backend, prompts: list[str], products: list[str], on_done=None) -> list[Completion]:
     """Schema-constrained greedy answers, one prompt at a time, through the back end's stepper."""
-    stepper, schema, results = backend.stepper(), answer_schema(tuple(products)), []
+    stepper, results = backend.stepper(), []
     for prompt in prompts:
-        began = time.perf_counter()
-        result = schema_decoding.decode(stepper, backend.vocabulary(), schema, prompt)
-        prompt_ids = stepper.tokenize(prompt)
-        new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
-        results.append(Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began,
-                                  result.model_calls))
+        results.append(constrained_answer(stepper, backend.vocabulary(), prompt, products))
         if on_done:
             on_done(1)
     return results
+
+
+def constrained_answer(stepper, vocabulary, prompt: str, products: list[str]) -> Completion:
+    """One schema-constrained greedy answer, its model decisions made by the stepper."""
+    began = time.perf_counter()
+    result = schema_decoding.decode(stepper, vocabulary, answer_schema(tuple(products)), prompt)
+    prompt_ids = stepper.tokenize(prompt)
+    new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
+    return Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began, result.model_calls)
 
 
 def default_products() -> list[str]:
@@ -225,3 +235,98 @@ class _LlamaStepper(schema_decoding.Stepper):
         llm.n_tokens = min(schema_decoding.common_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids), len(ids) - 1)
         llm.eval(ids[llm.n_tokens:])
         return llama_internals.last_logits(llm).copy()
+
+
+class ServerFailed(Exception):
+    """llama-server answered a model call badly, or not at all."""
+
+
+class Cancelled(Exception):
+    """The caller gave up (a client hung up): no more decisions for its answer; its slot goes back to the pool."""
+
+
+class LlamaServerBackend:
+    """A GGUF file served by a running llama-server on 127.0.0.1:port: every model decision is one `/completion`
+    call on a slot, which keeps the KV cache of the sequence so far (only new tokens are computed, batched with
+    the other slots' work). `slots` answers run at once, from as many threads; the rest wait for a free slot.
+    Tokens and the vocabulary come from the GGUF's vocabulary alone (no weights loaded in this process)."""
+
+    def __init__(self, path: Path, port: int, slots: int, prompt_cache: bool = True):
+        from llama_cpp import Llama
+        self.vocab = GGUFBackend.wrapping(Llama(str(path), vocab_only=True, verbose=False))
+        self.tokenize, self.prompt_cache = self.vocab.stepper().tokenize, prompt_cache
+        self.free: queue.Queue = queue.Queue()
+        for slot in range(slots):
+            self.free.put((slot, http.client.HTTPConnection("127.0.0.1", port, timeout=300)))
+
+    def vocabulary(self) -> schema_decoding.Vocabulary:
+        return self.vocab.vocabulary()
+
+    @contextmanager
+    def stepper(self, cancelled: threading.Event | None = None):
+        """A stepper holding one slot (and its connection) until the block ends."""
+        slot, connection = self.free.get()
+        try:
+            yield _SlotStepper(self, slot, connection, cancelled or threading.Event())
+        finally:
+            self.free.put((slot, connection))
+
+    def generate(self, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS, constrained: bool = False,
+                 products: list[str] | None = None, on_done=None,
+                 cancelled: threading.Event | None = None) -> list[Completion]:
+        """One prompt after another on one slot (callers that want several at once call from several threads);
+        `cancelled` set stops before the next model call with Cancelled."""
+        results = []
+        with self.stepper(cancelled) as stepper:
+            for prompt in prompts:
+                results.append(constrained_answer(stepper, self.vocabulary(), prompt, products or default_products())
+                               if constrained else stepper.free_answer(prompt, max_new_tokens))
+                if on_done:
+                    on_done(1)
+        return results
+
+
+class _SlotStepper(schema_decoding.Stepper):
+    """The model decisions of one answer, made by llama-server on one slot: the sequence so far as tokens, one
+    greedy token among the allowed ones (each gets a +100 logit bias: their order is the model's, and no other
+    token can win; the reply is checked)."""
+    BIAS = 100.0
+
+    def __init__(self, backend: LlamaServerBackend, slot: int, connection, cancelled: threading.Event):
+        self.backend, self.slot, self.connection, self.cancelled = backend, slot, connection, cancelled
+        self.tokenize = backend.tokenize
+
+    def best(self, ids: list[int], allowed: list[int]) -> int:
+        reply = self.completion({"prompt": ids, "n_predict": 1, "return_tokens": True,
+                                 "logit_bias": [[token, self.BIAS] for token in allowed]})
+        token = reply["tokens"][0]
+        if token not in allowed:
+            raise ServerFailed(f"llama-server chose token {token}, outside the {len(allowed)} allowed")
+        return token
+
+    def free_answer(self, prompt: str, max_new_tokens: int) -> Completion:
+        """Greedy text until the JSON object closes, as GGUFBackend.generate decodes it."""
+        began, ids = time.perf_counter(), self.tokenize(prompt)
+        reply = self.completion({"prompt": ids, "n_predict": max_new_tokens, "stop": ["}"]})
+        text = reply["content"] + ("}" if reply.get("stop_type") == "word" else "")
+        return Completion(text, len(ids), int(reply["tokens_predicted"]), time.perf_counter() - began,
+                          int(reply["tokens_predicted"]))
+
+    def completion(self, request: dict) -> dict:
+        if self.cancelled.is_set():
+            raise Cancelled
+        body = json.dumps({**request, "temperature": 0.0, "id_slot": self.slot,
+                           "cache_prompt": self.backend.prompt_cache})
+        for attempt in (1, 2):   # a kept-alive connection llama-server closed while idle: once more, anew
+            try:
+                self.connection.request("POST", "/completion", body, {"Content-Type": "application/json"})
+                reply = self.connection.getresponse()
+                data = reply.read()
+                break
+            except (OSError, http.client.HTTPException) as err:
+                self.connection.close()   # the next request opens a new connection
+                if attempt == 2 or not isinstance(err, (ConnectionError, http.client.RemoteDisconnected)):
+                    raise ServerFailed(f"llama-server did not answer ({type(err).__name__}: {err})") from None
+        if reply.status != 200:
+            raise ServerFailed(f"llama-server answered {reply.status}: {data[:300].decode(errors='replace')}")
+        return json.loads(data)
