@@ -43,11 +43,13 @@ class EvalRow(Scores):
 
 
 class BaselineRow(Scores):
-    """One model of `baseline`, prompted k-shot (baseline/results.json)."""
+    """One model of `baseline`, prompted k-shot, or a classic model trained on the split (baseline/results.json)."""
     model: str
-    kind: str                           # open-weight | api
-    shots: int
+    kind: str                           # open-weight | api | classic
+    shots: int                          # classic: 0
     examples_per_s: float
+    train_s: NotRequired[float]         # classic: seconds to train, on how many messages
+    train_examples: NotRequired[int]
     endpoint: NotRequired[str]          # API models: where they were asked, and how often
     requests: NotRequired[int]
     retries: NotRequired[int]

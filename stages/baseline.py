@@ -1,4 +1,5 @@
-"""baseline: the paper's comparison rows, few-shot prompting of models that were not fine-tuned.
+"""baseline: the paper's comparison rows, few-shot prompting of models that were not fine-tuned, and a classic
+NLU model trained on the same data.
 
 k examples from the training split (balanced over languages, fixed seed) precede each test message,
 built by the same prompt builder and scored by the same scorer as the fine-tuned variants.
@@ -7,6 +8,8 @@ built by the same prompt builder and scored by the same scorer as the fine-tuned
 - API models through any OpenAI-compatible endpoint (OpenAI with OPENAI_API_KEY, or vLLM, Ollama, a
   llama.cpp server via `[baseline.api] base_url`), with bounded concurrency, retries and an on-disk response cache
   (artifacts/<run>/.cache/api/responses.jsonl) so a rerun or an interrupted run pays nothing twice.
+- `classic:char-ngram`: char n-gram TF-IDF + logistic regression per field (scikit-learn), trained on the run's
+  training split in seconds, with its training time and messages/s (cart_intent/classic.py says how).
 A model that cannot be used here (no weights, no key, endpoint down) is recorded as skipped with its reason.
 
     python -m stages.baseline --config configs/smollm2.toml     # ~4 minutes on 2 cores
@@ -31,20 +34,22 @@ from cart_intent import artifacts, cli, registry
 from cart_intent.api_client import ApiSettings, ApiUnavailable, OpenAICompatible, ResponseCache
 from cart_intent.backends import TransformersBackend
 from cart_intent.catalog import run_catalog
+from cart_intent.classic import MODELS as CLASSIC_MODELS, CharNgramModel
 from cart_intent.config import as_dict, require
 from cart_intent.metrics import score, summarize
 from cart_intent.models import SHAPE_TWINS, model_slug, weights_dir
 from cart_intent.records import BaselineRow, checked
 from cart_intent.task import ANSWER_TOKENS, build_prompt, read_split
 
-PACKAGES = ["torch", "transformers", "openai", "huggingface_hub"]
+PACKAGES = ["torch", "transformers", "openai", "huggingface_hub", "scikit-learn"]
 
 
 @dataclass
 class BaselineConfig:
     shots: int = 3                      # few-shot examples before each message
     shot_seed: int = 42
-    models: list[str] = field(default_factory=lambda: ["tiny"])   # open-weight: "tiny", HF ids, folders
+    # open-weight: "tiny", HF ids, folders; classic: "classic:char-ngram"
+    models: list[str] = field(default_factory=lambda: ["tiny", "classic:char-ngram"])
     api_models: list[str] = field(default_factory=list)           # e.g. ["gpt-4.1", "gpt-4.1-mini"]
     api: ApiSettings = field(default_factory=ApiSettings)        # [baseline.api]: endpoint, key, retries, budget
     batch_size: int = 16
@@ -54,6 +59,8 @@ class BaselineConfig:
         require(0 <= self.shots <= 12, "shots", "an integer in [0, 12]")
         require(self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
+        require(all(m in CLASSIC_MODELS for m in self.models if m.startswith("classic:")), "models",
+                f"open-weight models, or one of {', '.join(CLASSIC_MODELS)}")
 
 
 def pick_shots(train: list[dict], k: int, seed: int) -> list[dict]:
@@ -93,6 +100,20 @@ def run_open_weight(spec: str, path: Path, prompts: list[str], cfg: BaselineConf
     return answers, {"examples_per_s": round(len(prompts) / (time.perf_counter() - began), 2)}
 
 
+def run_classic(spec: str, train: list[dict], texts: list[str], seed: int):
+    """Train on the training split, then answer every text at once (as such a model serves)."""
+    cli.console.print(f"{spec}: training on {len(train)} messages")
+    model = CharNgramModel(seed).fit(train)
+    began = time.perf_counter()
+    answers = model.answer(texts)
+    return answers, {"examples_per_s": round(len(texts) / (time.perf_counter() - began), 1),
+                     "train_s": round(model.train_s, 2), "train_examples": len(train)}
+
+
+def model_kind(name: str) -> str:
+    return "classic" if name.startswith("classic:") else "open-weight"
+
+
 def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
     client = OpenAICompatible(model, cfg.api, cache, "baseline.api.max_requests",
                               log=lambda line: cli.console.print(Text(line, style="yellow")))
@@ -105,10 +126,10 @@ def run_api(model: str, prompts: list[str], cfg: BaselineConfig, cache):
 
 def run(run_cfg, cfg: BaselineConfig, args) -> int:
     run_dir = run_cfg.run_dir
-    local_base = any(m == "tiny" or m.startswith("packaged:") for m in cfg.models)
+    local_base = any(m == "tiny" or m.startswith("packaged:") for m in cfg.models)   # prepared by `base`
     manifests = registry.upstream(run_dir, "baseline", skip=() if local_base else ("base",))
-    stage = artifacts.StageRun("baseline", "baseline", run_dir, as_dict(cfg), artifacts.input_fingerprint(manifests),
-                               artifacts.code_hash(__file__), PACKAGES)
+    stage = artifacts.StageRun("baseline", "baseline", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
+                               artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
     if cli.already_done(stage, args):
         return 0
     train = read_split(run_dir, "train")
@@ -120,21 +141,24 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
     out = stage.fresh_tmp()
     (out / "predictions").mkdir()
     rows = []
-    candidates = [("open-weight", m) for m in cfg.models] + [("api", m) for m in cfg.api_models]
+    candidates = [(model_kind(m), m) for m in cfg.models] + [("api", m) for m in cfg.api_models]
     for kind, name in candidates:
-        cli.console.rule(f"{name} ({kind}, {cfg.shots}-shot)")
+        shots = 0 if kind == "classic" else cfg.shots
+        cli.console.rule(f"{name} ({kind}, {shots}-shot)")
         try:
             if kind == "api":
                 answers, extra = run_api(name, prompts, cfg, cache)
+            elif kind == "classic":
+                answers, extra = run_classic(name, train, [ex["text"] for ex in examples], run_cfg.seed)
             else:
                 answers, extra = run_open_weight(name, open_weight_path(name, run_dir), prompts, cfg)
         except (RuntimeError, ApiUnavailable) as err:
             cli.console.print(Text.assemble(("skipped ", "yellow"), f"{name}: {err}"))
-            rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": cfg.shots, "skipped": str(err)}))
+            rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": shots, "skipped": str(err)}))
             continue
         scored = score(examples, answers, catalog_names)
         artifacts.write_jsonl(out / "predictions" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl", scored)
-        rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": cfg.shots, **summarize(scored), **extra}))
+        rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": shots, **summarize(scored), **extra}))
     artifacts.write_json(out / "results.json", {"shots": [ex["id"] for ex in shots], "examples": len(examples),
                                                 "rows": rows})
     stage.results.update(examples=len(examples), shot_ids=[ex["id"] for ex in shots],

@@ -44,9 +44,15 @@ def baseline(artifacts_dir, *sets, env=None):
 
 
 def test_open_weight_few_shot_and_unusable_models_are_skipped(quantized):
-    proc = baseline(quantized.parent, "baseline.models=['tiny', 'no-such-org/no-such-model', 'shape:llama-3.2-1b']")
+    proc = baseline(quantized.parent, "baseline.models=['tiny', 'classic:char-ngram', 'no-such-org/no-such-model', "
+                                      "'shape:llama-3.2-1b']")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["model"]: r for r in manifest(quantized, "baseline")["results"]["rows"]}
+    classic = rows["classic:char-ngram"]   # trained on the smoke run's 486 training messages (~10 per product)
+    train_size = len((quantized / "data" / "train.jsonl").read_text().splitlines())
+    assert classic["kind"] == "classic" and classic["shots"] == 0 and classic["train_examples"] == train_size
+    assert classic["n"] == 12 and classic["train_s"] > 0 and classic["field_accuracy"]["action"] >= 0.75
+    assert (quantized / "baseline" / "predictions" / "classic_char-ngram.jsonl").exists()
     assert rows["tiny"]["n"] == 12 and 0 <= rows["tiny"]["exact_match"] <= 1 and rows["tiny"]["shots"] == 2
     assert "weights unavailable" in rows["no-such-org/no-such-model"]["skipped"]
     assert "random weights" in rows["shape:llama-3.2-1b"]["skipped"]

@@ -74,7 +74,8 @@ def test_the_defaults_and_paper_toml_are_the_papers_recipe():
     assert load_stage_config(path, "gguf", GGUFConfig)[1].types == paper["gguf_types"]
     assert load_stage_config(path, "base", BaseConfig)[1].models == ["meta-llama/Llama-3.2-1B", "google/gemma-3-1b-pt"]
     baseline = load_stage_config(path, "baseline", BaselineConfig)[1]
-    assert baseline.api_models == ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"] and len(baseline.models) == 5
+    assert baseline.api_models == ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"] and len(baseline.models) == 6
+    assert baseline.models[-1] == "classic:char-ngram"   # beyond the paper: the classic NLU row
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -77,6 +77,8 @@ def build_run(root):
     write(run / "baseline" / "results.json", {"rows": [
         checked(BaselineRow, {"model": "tiny", "kind": "open-weight", "shots": 3, "examples_per_s": 4.0,
                               **scores(0.05), "exact_match_ci95": [0.01, 0.1], "json_valid": 0.2}),
+        checked(BaselineRow, {"model": "classic:char-ngram", "kind": "classic", "shots": 0, "examples_per_s": 5000.0,
+                              "train_s": 21.5, "train_examples": 4860, **scores(0.9)}),
         checked(BaselineRow, {"model": "gpt-4.1", "kind": "api", "shots": 3, "skipped": "OPENAI_API_KEY is not set"})]})
     manifest(run / "baseline", "baseline")
     write(run / "eval-realistic" / "results.json", {"examples": 180, "rows": [eval_row("fp16", "free", 0.88)]})
@@ -169,6 +171,9 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     assert re.search(r"\| base \|[^\n]*\| local \| – \| – \| – \|", environment)
     table2 = report.split("## Table 2")[1].split("##")[0]
     assert re.search(r"\| GGUF Q5_K_M \| 0\.930 \| \[0\.910, 0\.950\] \| 1\.000 \|", table2)
+    assert re.search(r"\| classic:char-ngram \(TF-IDF \+ logistic regression, trained in 21\.5 s\) \| 0\.900 \|"
+                     r"[^\n]*\| 5,000 \|", table2)
+    assert "minus the classic model's (classic:char-ngram, 0.900), in points: FP16 +1.0," in table2
     assert "| xeon-8c-bbbbbb | GGUF Q4_K_M | 0.925 | 2.5 | 0.06 | 4,500 | 2,250 |" in report
     bench = report.split("## llama-bench style rows")[1].split("##")[0]
     assert "| xeon-8c-bbbbbb | tiny | GGUF Q4_K_M | 2.38 MiB | 1.9 M | 2 | pp100 | 2700.00 ± 12.50 |" in bench

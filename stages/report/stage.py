@@ -100,17 +100,19 @@ def accuracy_rows(data: dict) -> list[dict]:
     """Table 2: baselines first (few-shot), then every fine-tuned variant (free decoding)."""
     rows, primary = [], None
     for r in data["baseline"]["rows"]:
-        name = r.get("model", "?")
-        is_api = r.get("kind") == "api"
-        primary = primary or (None if is_api else name)
-        row = {"group": "baseline", "label": f"{name} base, {r.get('shots', '?')}-shot" if not is_api
-               else f"{name} (API), {r.get('shots', '?')}-shot", "model": name, "variant": "base"}
+        name, kind = r.get("model", "?"), r.get("kind")
+        is_api = kind == "api"
+        primary = primary or (name if kind == "open-weight" else None)
+        label = {"api": f"{name} (API), {r.get('shots', '?')}-shot",
+                 "classic": f"{name} (TF-IDF + logistic regression, trained in {r.get('train_s', '?')} s)"}.get(
+            kind, f"{name} base, {r.get('shots', '?')}-shot")
+        row = {"group": "baseline", "label": label, "model": name, "variant": "base"}
         if "skipped" in r:
             rows.append({**row, "skipped": r["skipped"], "exact_match": None})
             continue
         paper = PAPER["accuracy"].get(name) if is_api else (PAPER["accuracy"]["base"] if name == primary else None)
         rows.append({**row, "exact_match": r["exact_match"], "ci95": r["exact_match_ci95"], "json_valid": r["json_valid"],
-                     "paper": paper})
+                     "paper": paper, "by_language": r["by_language"], "examples_per_s": r["examples_per_s"]})
     evals = [r for r in data["eval"]["rows"] if "skipped" not in r]
     constrained = {r["variant"]: r for r in evals if r["decoding"] == "constrained"}
     models = sorted({r["model"] for r in evals})
@@ -127,7 +129,7 @@ def accuracy_rows(data: dict) -> list[dict]:
                      "ci95": r["exact_match_ci95"], "json_valid": r["json_valid"], "mcnemar": verdict,
                      "constrained": constrained.get(r["variant"], {}).get("exact_match"),
                      "paper": PAPER["accuracy"].get(label) if r["model"] == models[0] else None,
-                     "by_language": r["by_language"], "by_noise": r["by_noise"]})
+                     "by_language": r["by_language"], "by_noise": r["by_noise"], "examples_per_s": r["examples_per_s"]})
     rows.sort(key=lambda r: (r["group"] != "baseline", r["group"] == "fine-tuned" and r["model"],
                              figures.order_key(r["variant"]) if r["group"] == "fine-tuned" else 0))
     for r in data["eval"]["rows"]:
@@ -288,11 +290,18 @@ def accuracy_blocks(accuracy: list[dict], fig_dir: Path) -> list[tuple]:
     """Table 2 and the accuracy figures."""
     blocks: list[tuple] = [
         ("h2", "Table 2: accuracy"),
-        ("table", ["model", "exact match", "95% CI", "JSON valid", "constrained EM", "McNemar vs FP16", "paper"],
-         [[r["label"], "skipped: " + r["skipped"], "", "", "", "", ""] if "skipped" in r else
+        ("table", ["model", "exact match", "95% CI", "JSON valid", "constrained EM", "McNemar vs FP16", "messages/s",
+                   "paper"],
+         [[r["label"], "skipped: " + r["skipped"], "", "", "", "", "", ""] if "skipped" in r else
           [r["label"], fmt(r["exact_match"]), fmt(r["ci95"]), fmt(r["json_valid"]), fmt(r.get("constrained")),
-           r.get("mcnemar", "–"), fmt(r.get("paper"))] for r in accuracy])]
+           r.get("mcnemar", "–"), fmt(r.get("examples_per_s"), 1), fmt(r.get("paper"))] for r in accuracy])]
     scored = [r for r in accuracy if r.get("exact_match") is not None]
+    classic = next((r for r in scored if r["group"] == "baseline" and r["label"].startswith("classic:")), None)
+    if classic:
+        margins = ", ".join(f"{r['label']} {100 * (r['exact_match'] - classic['exact_match']):+.1f}"
+                            for r in scored if r["group"] == "fine-tuned")
+        blocks.append(("p", f"Exact match of each fine-tuned variant minus the classic model's ({classic['model']}, "
+                            f"{fmt(classic['exact_match'])}), in points: {margins or 'no fine-tuned variant'}."))
     if scored:
         blocks.append(("figure", figures.accuracy(scored, fig_dir / "fig2_accuracy.png"),
                        "Figure 2: exact match of every model (95% Wilson intervals; diamonds: the paper)"))
