@@ -39,6 +39,7 @@ class EvalRow(Scores):
     batch1_examples_per_s: NotRequired[float]
     batch1_identical: NotRequired[bool]
     batched_speedup: NotRequired[float]
+    gguf_slots: NotRequired[int]        # GGUF: llama-server slots decoding together (1: in process, one at a time)
     constrained_minus_free: NotRequired[float]
 
 

@@ -6,6 +6,8 @@ accuracy per field, per language, per noise kind and per quantity bucket, the to
 exact McNemar test of each variant against the merged FP16 model (free decoding). Speed: examples per
 second, batched and at batch size 1 (transformers and GPTQ; the two must give identical answers),
 and model calls per answer (constrained decoding forces the schema's fixed text without a decode step).
+GGUF variants answer one message at a time in this process, or, with `evaluate.gguf_slots` N > 1, on llama-server
+with N slots: N messages decoded together (continuous batching), the same greedy answers.
 
     python -m stages.evaluate --config configs/smollm2.toml
     python -m stages.evaluate --config configs/smoke.toml --constrained        # constrained only
@@ -18,13 +20,18 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cart_intent import artifacts, cli, registry
-from cart_intent.backends import GGUFBackend, GPTQBackend, TransformersBackend
+from cart_intent.backends import GGUFBackend, GPTQBackend, LlamaServerBackend, TransformersBackend
 from cart_intent.catalog import run_catalog
+from cart_intent.child import ChildFailed
 from cart_intent.config import ConfigError, as_dict, require
+from cart_intent.intent import ServeConfig
+from cart_intent.llama_cpp_tools import ToolsMissing
+from cart_intent.llama_server import LlamaServer
 from cart_intent.metrics import mcnemar, score, summarize
 from cart_intent.models import quantization_sources
 from cart_intent.records import EvalRow, checked
@@ -41,6 +48,7 @@ class EvaluateConfig:
     batch1_sample: int = 64       # examples also run at batch size 1: speed-up and identical answers
     limit: int = 0                # evaluate only the first N examples (0: all)
     threads: int = 0              # llama.cpp threads; 0: every core
+    gguf_slots: int = 1           # GGUF: 1 one message at a time in process; N > 1 llama-server, N decoded together
 
     def validate(self) -> None:
         require(self.decoding and set(self.decoding) <= set(DECODING), "decoding", '"free" and/or "constrained"')
@@ -48,6 +56,7 @@ class EvaluateConfig:
         require(self.batch1_sample >= 0, "batch1_sample", "an integer >= 0")
         require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
         require(self.threads >= 0, "threads", "an integer >= 0")
+        require(1 <= self.gguf_slots <= 64, "gguf_slots", "an integer in [1, 64]")
 
 
 def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
@@ -79,10 +88,23 @@ def variants(run_dir: Path) -> dict[str, dict]:
     return found
 
 
-def load_backend(kind: str, path: Path, threads: int):
-    if kind == "gguf":
-        return GGUFBackend(path, n_threads=threads or None)
-    return GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path)
+@contextmanager
+def opened_backend(kind: str, path: Path, cfg: "EvaluateConfig"):
+    """The variant's back end until the block ends: GGUF on llama-server when gguf_slots > 1 (stopped after)."""
+    if kind == "gguf" and cfg.gguf_slots > 1:
+        try:
+            with LlamaServer(path, ServeConfig(slots=cfg.gguf_slots, threads=cfg.threads), path.stem) as server:
+                yield LlamaServerBackend(path, server.port, cfg.gguf_slots)
+        except (ToolsMissing, ChildFailed) as err:
+            raise ConfigError(f"evaluate.gguf_slots={cfg.gguf_slots}: {err}") from None
+        return
+    backend = (GGUFBackend(path, n_threads=cfg.threads or None) if kind == "gguf" else
+               GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path))
+    try:
+        yield backend
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
 
 
 def run_variant(backend, kind: str, prompts: list[str], mode: str, cfg: EvaluateConfig,
@@ -105,6 +127,26 @@ def run_variant(backend, kind: str, prompts: list[str], mode: str, cfg: Evaluate
         speed["batch1_identical"] = [c.text for c in single] == [c.text for c in completions[: len(sample)]]
         speed["batched_speedup"] = round(speed["examples_per_s"] / speed["batch1_examples_per_s"], 2)
     return completions, speed
+
+
+def evaluate_variant(name: str, variant: dict, backend, examples: list[dict], prompts: list[str],
+                     products: list[str], cfg: EvaluateConfig, out: Path, reference: dict) -> list[dict]:
+    """One row per decoding mode, its predictions written; the model's first row is its McNemar reference."""
+    rows = []
+    for mode in cfg.decoding:
+        completions, speed = run_variant(backend, variant["kind"], prompts, mode, cfg, products)
+        scored = score(examples, completions, set(products))
+        artifacts.write_jsonl(out / "predictions" / f"{name.replace('/', '__')}__{mode}.jsonl", scored)
+        slug = name.split("/")[0]
+        reference.setdefault(slug, [r["correct"] for r in scored])  # the first row: fp16, free or constrained
+        engine = {"gguf_slots": cfg.gguf_slots} if variant["kind"] == "gguf" else {}
+        row = {"variant": name, "model": slug, "backend": variant["kind"], "decoding": mode,
+               "kernel": getattr(backend, "kernel", None), **summarize(scored), **speed, **engine,
+               "mcnemar_vs_fp16": mcnemar(reference[slug], [r["correct"] for r in scored])}
+        rows.append(checked(EvalRow, row))
+        cli.console.print(f"{name} {mode}: exact match {row['exact_match']:.3f} {row['exact_match_ci95']}, "
+                          f"valid {row['json_valid']:.3f}, {row['examples_per_s']} ex/s")
+    return rows
 
 
 def run(run_cfg, cfg: EvaluateConfig, args) -> int:
@@ -132,21 +174,8 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
             rows.append(checked(EvalRow, {"variant": name, "skipped": variant["skipped"]}))
             continue
         cli.console.rule(f"{name} ({variant['kind']})")
-        backend = load_backend(variant["kind"], variant["path"], cfg.threads)
-        for mode in cfg.decoding:
-            completions, speed = run_variant(backend, variant["kind"], prompts, mode, cfg, products)
-            scored = score(examples, completions, set(products))
-            artifacts.write_jsonl(out / "predictions" / f"{name.replace('/', '__')}__{mode}.jsonl", scored)
-            slug = name.split("/")[0]
-            reference.setdefault(slug, [r["correct"] for r in scored])  # the first row: fp16, free or constrained
-            row = {"variant": name, "model": slug, "backend": variant["kind"], "decoding": mode,
-                   "kernel": getattr(backend, "kernel", None), **summarize(scored), **speed,
-                   "mcnemar_vs_fp16": mcnemar(reference[slug], [r["correct"] for r in scored])}
-            rows.append(checked(EvalRow, row))
-            cli.console.print(f"{name} {mode}: exact match {row['exact_match']:.3f} {row['exact_match_ci95']}, "
-                              f"valid {row['json_valid']:.3f}, {row['examples_per_s']} ex/s")
-        if hasattr(backend, "close"):
-            backend.close()
+        with opened_backend(variant["kind"], variant["path"], cfg) as backend:
+            rows += evaluate_variant(name, variant, backend, examples, prompts, products, cfg, out, reference)
     by_key = {(r["variant"], r["decoding"]): r for r in rows if "skipped" not in r}
     for (name, mode), row in by_key.items():
         if mode == "constrained" and (name, "free") in by_key:

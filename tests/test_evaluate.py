@@ -78,3 +78,23 @@ def test_custom_data_file_and_malformed_line(evaluated, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}:2: action must be one of add, remove" in proc.stderr
     assert not (evaluated / "eval-bad").exists()
+
+
+def test_gguf_on_llama_server_slots_gives_the_in_process_answers(evaluated, tmp_path):
+    """evaluate.gguf_slots=3: the GGUF variants decoded three messages at a time on llama-server, in both modes,
+    answer exactly as one message at a time in process."""
+    test_rows = (evaluated / "data" / "test.jsonl").read_text().splitlines()[:12]
+    for name, slots in (("in_process", 1), ("slots", 3)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(test_rows) + "\n")
+        stage("evaluate", evaluated.parent, "--data", str(tmp_path / f"{name}.jsonl"), "--set",
+              f"evaluate.gguf_slots={slots}")
+    served = rows(evaluated, "eval-slots")
+    gguf = [key for key in served if "gguf" in key[0]]
+    assert len(gguf) == 2 * len(manifest(evaluated, "gguf")["results"]["models"]["tiny"]["variants"])
+    for variant, mode in gguf:
+        assert served[(variant, mode)]["gguf_slots"] == 3
+        answers = {}
+        for name in ("in_process", "slots"):
+            predictions = evaluated / f"eval-{name}" / "predictions" / f"{variant.replace('/', '__')}__{mode}.jsonl"
+            answers[name] = [json.loads(line)["raw"] for line in predictions.read_text().splitlines()]
+        assert answers["slots"] == answers["in_process"] and len(answers["slots"]) == 12, (variant, mode)

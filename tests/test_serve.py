@@ -430,7 +430,7 @@ def test_the_llama_server_back_end_answers_as_the_in_process_one(quantized):
     from cart_intent.backends import GGUFBackend, LlamaServerBackend, answer_text
     from cart_intent.intent import ServeConfig
     from cart_intent.task import build_prompt
-    from stages.serve.llama_server import LlamaServer
+    from cart_intent.llama_server import LlamaServer
     path, names = quantized / "gguf" / "tiny" / "model-Q4_K_M.gguf", load_catalog().names
     rows = [json.loads(line) for line in (quantized / "data" / "test.jsonl").read_text().splitlines()[:6]]
     prompts = [build_prompt(row["text"]) for row in rows]

@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from cart_intent.backends import Cancelled, LlamaServerBackend, ServerFailed
 from cart_intent.intent import IntentRules, ServeConfig
 from cart_intent.task import answer_gbnf, answer_json_schema, build_prompt
-from stages.serve.llama_server import LlamaServer
+from cart_intent.llama_server import LlamaServer
 from stages.serve.routes import AnswerSchemaAsGrammar, IntentRequest
 
 # hop-by-hop headers (RFC 9110 7.6.1) and the ones the HTTP layers recompute: never passed through

@@ -39,7 +39,7 @@ from cart_intent.config import ConfigError
 from cart_intent.intent import IntentRules, ServeConfig, gguf_path
 from cart_intent.llama_cpp_tools import ToolsMissing
 from stages.serve.in_process import create_app
-from stages.serve.llama_server import LlamaServer
+from cart_intent.llama_server import LlamaServer
 from stages.serve.proxy import create_proxy_app
 from stages.serve.routes import alias, guarded
 

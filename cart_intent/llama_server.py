@@ -1,7 +1,7 @@
-"""serve's llama-server engine: llama.cpp's own HTTP server (built by `make venv` from the pinned llama.cpp) as
-a child process on a private 127.0.0.1 port, with `serve.slots` sequences decoded together (continuous
-batching) and each slot's prompt KV kept for the next request. /v1/intent's decisions are made on it through
-cart_intent.backends.LlamaServerBackend, one slot per intent; `serve` stands in front of it."""
+"""llama.cpp's own HTTP server (built by `make venv` from the pinned llama.cpp) as a child process on a private
+127.0.0.1 port, with `slots` sequences decoded together (continuous batching) and each slot's prompt KV kept for
+the next request. Models answer on it through cart_intent.backends.LlamaServerBackend: serve's default engine
+(one slot per intent, serve stands in front of it) and evaluate with `evaluate.gguf_slots` > 1."""
 from __future__ import annotations
 
 import json
