@@ -143,8 +143,8 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
     rows = []
     candidates = [(model_kind(m), m) for m in cfg.models] + [("api", m) for m in cfg.api_models]
     for kind, name in candidates:
-        shots = 0 if kind == "classic" else cfg.shots
-        cli.console.rule(f"{name} ({kind}, {shots}-shot)")
+        k = 0 if kind == "classic" else cfg.shots
+        cli.console.rule(f"{name} ({kind}, {k}-shot)")
         try:
             if kind == "api":
                 answers, extra = run_api(name, prompts, cfg, cache)
@@ -154,11 +154,11 @@ def run(run_cfg, cfg: BaselineConfig, args) -> int:
                 answers, extra = run_open_weight(name, open_weight_path(name, run_dir), prompts, cfg)
         except (RuntimeError, ApiUnavailable) as err:
             cli.console.print(Text.assemble(("skipped ", "yellow"), f"{name}: {err}"))
-            rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": shots, "skipped": str(err)}))
+            rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": k, "skipped": str(err)}))
             continue
         scored = score(examples, answers, catalog_names)
         artifacts.write_jsonl(out / "predictions" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl", scored)
-        rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": shots, **summarize(scored), **extra}))
+        rows.append(checked(BaselineRow, {"model": name, "kind": kind, "shots": k, **summarize(scored), **extra}))
     artifacts.write_json(out / "results.json", {"shots": [ex["id"] for ex in shots], "examples": len(examples),
                                                 "rows": rows})
     stage.results.update(examples=len(examples), shot_ids=[ex["id"] for ex in shots],
