@@ -99,7 +99,7 @@ def test_gpu_request_timing_logic_on_cpu(quantized):
 def test_contention_benchmark_times_every_setting_alone_and_beside_a_competitor(quantized, tmp_path):
     """scripts/bench_contention.py on the smoke run's Q4_K_M and base: a row per setting with both timings."""
     out = tmp_path / "contention.json"
-    subprocess.run([sys.executable, "scripts/bench_contention.py", "--run", str(quantized), "--repeats", "2",
+    subprocess.run([sys.executable, "scripts/bench_contention.py", "--run", str(quantized), "--repeats", "1",
                     "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
     result = json.loads(out.read_text())
     assert result["hogs"] == 1 and result["competitor"] == "busy"
