@@ -7,7 +7,8 @@ exact McNemar test of each variant against the merged FP16 model (free decoding)
 second, batched and at batch size 1 (transformers and GPTQ; the two must give identical answers),
 and model calls per answer (constrained decoding forces the schema's fixed text without a decode step).
 GGUF variants answer one message at a time in this process, or, with `evaluate.gguf_slots` N > 1, on llama-server
-with N slots: N messages decoded together (continuous batching), the same greedy answers.
+with N slots: N messages decoded together (continuous batching). Still greedy, but batched matrix products
+can round differently, so an answer may differ now and then (docs/stages.md#evaluate): the default is 1.
 
     python -m stages.evaluate --config configs/smollm2.toml
     python -m stages.evaluate --config configs/smoke.toml --constrained        # constrained only
