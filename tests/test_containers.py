@@ -487,3 +487,23 @@ def test_a_stage_reruns_when_the_image_it_runs_in_changes(tmp_path, monkeypatch)
     assert not run().up_to_date(), "another image under the same tag must rerun the stage"
     monkeypatch.setenv("CART_RUNNER", "local")
     assert not run().up_to_date()
+
+
+def test_the_kubernetes_manifest_on_paper_agrees_with_the_images_and_the_stages():
+    """docs/kubernetes.yaml is not run here; it must at least parse and name what the images and stages are."""
+    documents = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "docs" / "kubernetes.yaml").read_text())}
+    assert set(documents) == {"PersistentVolumeClaim", "ConfigMap", "Job", "Deployment", "Service"}
+    [server] = documents["Deployment"]["spec"]["template"]["spec"]["containers"]
+    cmd = next(json.loads(rest) for keyword, rest in run_time_instructions("server") if keyword == "CMD")
+    assert server["command"] == cmd and server["image"].split("/")[-1].split(":")[0] == "cart-intent-server"
+    exposed = next(rest for keyword, rest in run_time_instructions("server") if keyword == "EXPOSE")
+    assert server["ports"][0]["containerPort"] == int(exposed)
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health" == server["startupProbe"]["httpGet"]["path"]
+    [job] = documents["Job"]["spec"]["template"]["spec"]["containers"]
+    stage_module = job["command"][2].removeprefix("stages.")
+    service = stage_module.replace("_", "-")
+    assert job["command"][:2] == ["python", "-m"] and (ROOT / "stages" / f"{stage_module}.py").is_file()
+    assert job["image"].split("/")[-1].split(":")[0] == f"cart-intent-{SERVICE_IMAGES[service]}"
+    mounts = {m["mountPath"] for m in job["volumeMounts"]} | {m["mountPath"] for m in server["volumeMounts"]}
+    assert mounts == {"/app/artifacts", "/app/configs"}
+    assert documents["Service"]["spec"]["selector"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
