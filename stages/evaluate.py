@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,11 +93,13 @@ def variants(run_dir: Path) -> dict[str, dict]:
 def opened_backend(kind: str, path: Path, cfg: "EvaluateConfig"):
     """The variant's back end until the block ends: GGUF on llama-server when gguf_slots > 1 (stopped after)."""
     if kind == "gguf" and cfg.gguf_slots > 1:
-        try:
-            with LlamaServer(path, ServeConfig(slots=cfg.gguf_slots, threads=cfg.threads), path.stem) as server:
-                yield LlamaServerBackend(path, server.port, cfg.gguf_slots)
-        except (ToolsMissing, ChildFailed) as err:
-            raise ConfigError(f"evaluate.gguf_slots={cfg.gguf_slots}: {err}") from None
+        with ExitStack() as stack:
+            try:   # only llama-server's start is the setting's fault, not what the block does with it
+                server = stack.enter_context(LlamaServer(path, ServeConfig(slots=cfg.gguf_slots, threads=cfg.threads),
+                                                         path.stem))
+            except (ToolsMissing, ChildFailed) as err:
+                raise ConfigError(f"evaluate.gguf_slots={cfg.gguf_slots}: {err}") from None
+            yield LlamaServerBackend(path, server.port, cfg.gguf_slots)
         return
     backend = (GGUFBackend(path, n_threads=cfg.threads or None) if kind == "gguf" else
                GPTQBackend.load(path) if kind == "gptq" else TransformersBackend.load(path))
