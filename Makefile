@@ -29,8 +29,10 @@ FILE ?=
 STAGES ?=
 # the runs `make compare` puts side by side (names under artifacts/)
 RUNS ?=
-# a hand-written labelled set scored beside the test split by `make evaluate`, free decoding (empty: skip)
+# hand-written labelled sets scored beside the test split by `make evaluate` (empty: skip): cart messages (free
+# decoding) and messages that ask for no cart change (the configured decodings)
 REALISTIC ?= datasets/realistic.jsonl
+OUT_OF_SCOPE ?= datasets/out-of-scope.jsonl
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -123,10 +125,11 @@ gguf: merge
 baseline: base
 	$(call STAGE,baseline)
 
-## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/ (+ eval-realistic/)
+## Exact match of every variant (FP16, GPTQ, GGUF), free and constrained -> artifacts/<run>/eval/ (+ eval-realistic/, eval-out-of-scope/)
 evaluate: gptq gguf
 	$(call STAGE,evaluate)
 	$(if $(REALISTIC),$(call STAGE,evaluate) --data $(REALISTIC) --set 'evaluate.decoding=["free"]')
+	$(if $(OUT_OF_SCOPE),$(call STAGE,evaluate) --data $(OUT_OF_SCOPE))
 
 ## CPU cost of each GGUF variant (fresh process each; naive vs prefix-cached) -> artifacts/<run>/profiles/<host>/cpu/
 profile-cpu: gguf

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import math
 import os
 import queue
 import threading
@@ -45,10 +46,12 @@ def constrained_generate(backend, prompts: list[str], products: list[str], on_do
 def constrained_answer(stepper, vocabulary, prompt: str, products: list[str]) -> Completion:
     """One schema-constrained greedy answer, its model decisions made by the stepper."""
     began = time.perf_counter()
-    result = schema_decoding.decode(stepper, vocabulary, answer_schema(tuple(products)), prompt)
+    schema = answer_schema(tuple(products))
+    result = schema_decoding.decode(stepper, vocabulary, schema, prompt)
     prompt_ids = stepper.tokenize(prompt)
     new_tokens = len(stepper.tokenize(prompt + result.text)) - len(prompt_ids)
-    return Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began, result.model_calls)
+    return Completion(result.text, len(prompt_ids), new_tokens, time.perf_counter() - began, result.model_calls,
+                      confidence=schema_decoding.confidence(result, vocabulary, schema))
 
 
 def default_products() -> list[str]:
@@ -303,13 +306,19 @@ class _SlotStepper(schema_decoding.Stepper):
         self.backend, self.slot, self.connection, self.cancelled = backend, slot, connection, cancelled
         self.tokenize = backend.tokenize
 
-    def best(self, ids: list[int], allowed: list[int]) -> int:
-        reply = self.completion({"prompt": ids, "n_predict": 1, "return_tokens": True,
+    def choose(self, ids: list[int], allowed: list[int]) -> schema_decoding.Choice:
+        """The server's greedy pick among the allowed tokens, with the model's probabilities before the bias (its
+        n_probs: the chosen token's and the TOP_K likeliest over the whole vocabulary)."""
+        reply = self.completion({"prompt": ids, "n_predict": 1, "return_tokens": True, "n_probs": schema_decoding.TOP_K,
                                  "logit_bias": [[token, self.BIAS] for token in allowed]})
         token = reply["tokens"][0]
         if token not in allowed:
             raise ServerFailed(f"llama-server chose token {token}, outside the {len(allowed)} allowed")
-        return token
+        [step] = reply["completion_probabilities"]
+        permitted = set(allowed) - {token}
+        others = [(math.exp(top["logprob"]), top["id"]) for top in step["top_logprobs"] if top["id"] in permitted]
+        runner_up = max(others, default=(0.0, None))
+        return schema_decoding.Choice(token, math.exp(step["logprob"]), runner_up[1], runner_up[0])
 
     def free_answer(self, prompt: str, max_new_tokens: int) -> Completion:
         """Greedy text until the JSON object closes, as GGUFBackend.generate decodes it."""

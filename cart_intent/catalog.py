@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import data_file
@@ -52,6 +52,8 @@ class Catalog:
     products: tuple[Product, ...]
     units: dict
     brands: tuple[str, ...]
+    # lang -> noun forms of things this shop does not sell ("lawn mower"): a request for one is no cart operation
+    out_of_catalog: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -113,7 +115,22 @@ def _build(path: Path, data: dict) -> Catalog:
         raise CatalogError(f"{path}: needs at least 2 products")
     if not _strings(data["brands"]):
         raise CatalogError(f"{path}: brands must be a list of brand names (strings), not {data['brands']!r}")
-    return Catalog(tuple(products), units, tuple(data["brands"]))
+    return Catalog(tuple(products), units, tuple(data["brands"]), _out_of_catalog(path, data, seen))
+
+
+def _out_of_catalog(path: Path, data: dict, product_surfaces: dict) -> dict:
+    """The optional "out_of_catalog" lists (per language, noun forms like a product's), none naming a product."""
+    lists = data.get("out_of_catalog", {})
+    if not isinstance(lists, dict) or not set(lists) <= set(LANGUAGES):
+        raise CatalogError(f"{path}: out_of_catalog must map languages ({', '.join(LANGUAGES)}) to lists of noun forms")
+    for lang, entries in lists.items():
+        for forms in entries:
+            _check_forms(f"{path}: out_of_catalog ({lang})", forms, lang)
+            surface = forms.get("sg") or forms["nom_sg"]
+            if (lang, surface) in product_surfaces:
+                raise CatalogError(f"{path}: out_of_catalog {surface!r} ({lang}) names the product "
+                                   f"{product_surfaces[(lang, surface)]}")
+    return {lang: list(lists.get(lang, [])) for lang in LANGUAGES}
 
 
 def _strings(value) -> bool:

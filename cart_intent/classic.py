@@ -1,12 +1,14 @@
 """The classic NLU baseline a shop gets for free: char n-gram TF-IDF features and one linear classifier per field.
 
 As Rasa-style pipelines do it (character n-gram features, a classifier, an entity extractor for numbers):
-- action and product: scikit-learn's `TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)`
+- action (add, remove or none, the none-form as one more intent, as Rasa's out-of-scope intent) and product:
+  scikit-learn's `TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)`
   then `LogisticRegression` (defaults; enough iterations to converge), one pair per field, seeded;
 - quantity: the first number written in digits, read by a regular expression (the entity extractor); when the
   message has none ("two", "dva", "una docena", "a pair"), the quantity is a class the same kind of classifier
   predicts from the training messages' quantities.
-Trained on the run's training split only; answers are the task's JSON, scored by the same scorer as every model.
+Product and quantity learn from the cart operations only (a none-form row has neither). Trained on the run's
+training split only; answers are the task's JSON, scored by the same scorer as every model.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .task import Completion, format_answer
+from .task import Completion, format_answer, is_cart_operation
 
 KIND = "classic"
 MODELS = ("classic:char-ngram",)                 # the `classic:` model specs baseline.models may name
@@ -44,9 +46,10 @@ class CharNgramModel:
 
     def fit(self, rows: list[dict]) -> "CharNgramModel":
         began = time.perf_counter()
-        texts = [row["text"] for row in rows]
+        operations = [row for row in rows if is_cart_operation(row)]
         for name in ("action", "product", "quantity"):
-            labels = [str(row[name]) for row in rows]
+            learn_from = rows if name == "action" else operations
+            texts, labels = [row["text"] for row in learn_from], [str(row[name]) for row in learn_from]
             if len(set(labels)) == 1:   # one class: nothing to learn, always that answer
                 self.fields[name] = labels[0]
             else:

@@ -1,6 +1,11 @@
 """The served specialist, shared by `serve` (/v1/intent), `predict` and `loadtest`: the [serve] config, which
 GGUF file it names, the rules a message and an answer must pass, and text -> checked answer in this process
-(constrained decoding, parse, schema check)."""
+(constrained decoding, parse, schema check, the fallback).
+
+The fallback, as Rasa's FallbackClassifier: an answer whose overall confidence is below `fallback_threshold`, or
+whose product beat the runner-up by less than `ambiguity_margin`, is not acted on: the reply is the none-form with
+`"fallback": "low_confidence"` or `"ambiguous"` and the `candidates` (the model's answer first, then the runner-up
+products), for a shop's "did you mean ...?"."""
 from __future__ import annotations
 
 import os
@@ -13,7 +18,7 @@ from .artifacts import MissingArtifact
 from .backends import GGUFBackend
 from .config import ConfigError, require
 from .registry import require_stage
-from .task import ANSWER_TOKENS, build_prompt, is_valid, parse_output
+from .task import ANSWER_TOKENS, FIELDS, NO_OPERATION, Completion, build_prompt, is_valid, parse_output
 
 
 ENGINES = ("llama-server", "llama-cpp-python")
@@ -36,6 +41,10 @@ class ServeConfig:
     startup_timeout_s: int = 120  # llama-server: until it answers /health
     # web pages (origins) allowed to call the server from a browser, e.g. ["https://shop.example"]; [] none
     cors_origins: list[str] = field(default_factory=list)
+    # the fallback (no cart operation, candidates instead): overall confidence below the threshold, or a product
+    # that beat the runner-up by less than the margin (0: off)
+    fallback_threshold: float = 0.0
+    ambiguity_margin: float = 0.0
     # the environment variable holding the API key every route but /health then asks for
     # (`Authorization: Bearer <key>`, as OpenAI, llama-server and vLLM do); "": no key
     api_key_env: str = ""
@@ -54,6 +63,8 @@ class ServeConfig:
         require(self.n_ctx >= 128, "n_ctx", "an integer >= 128")
         require(all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2
                     for o in self.cors_origins), "cors_origins", 'origins such as "https://shop.example" (no path)')
+        require(0 <= self.fallback_threshold <= 1 and 0 <= self.ambiguity_margin <= 1, "fallback_threshold",
+                "fallback_threshold and ambiguity_margin in [0, 1] (0: off)")
         require(self.api_key_env == "" or self.api_key_env.replace("_", "").isalnum(), "api_key_env",
                 'the name of an environment variable, e.g. "CART_API_KEY", or ""')
 
@@ -83,13 +94,33 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
     return path
 
 
+def fallback(pred: dict, confidence: dict | None, cfg: ServeConfig) -> str | None:
+    """Why this valid answer must not be acted on (low_confidence, ambiguous), or None."""
+    if not confidence or pred["action"] == NO_OPERATION:
+        return None
+    if confidence["overall"] < cfg.fallback_threshold:
+        return "low_confidence"
+    runner_up = confidence["runner_up"]
+    if runner_up and runner_up["margin"] < cfg.ambiguity_margin:
+        return "ambiguous"
+    return None
+
+
+def candidates(pred: dict, confidence: dict) -> list[dict]:
+    """The model's answer, then the same operation on each runner-up product, with their probabilities."""
+    runner_up = confidence["runner_up"] or {"products": [], "probability": 0.0}
+    return [{**{k: pred[k] for k in FIELDS}, "confidence": confidence["overall"]}] + [
+        {**{k: pred[k] for k in FIELDS}, "product": product, "confidence": runner_up["probability"]}
+        for product in runner_up["products"] if product != pred["product"]]
+
+
 class IntentRules:
     """What a message must be to be answered, and what makes an answer one: shared by every engine, so
     /v1/intent keeps one contract whichever decodes. `tokenize(text) -> ids` (a back end's stepper's: the
-    prompt as the model sees it) counts what the context holds."""
+    prompt as the model sees it) counts what the context holds; `cfg` gives the limits and the fallback."""
 
-    def __init__(self, tokenize, n_ctx: int, max_text_chars: int, products: list[str]):
-        self.tokenize, self.n_ctx, self.max_text_chars = tokenize, n_ctx, max_text_chars
+    def __init__(self, tokenize, n_ctx: int, cfg: ServeConfig, products: list[str]):
+        self.tokenize, self.n_ctx, self.max_text_chars, self.cfg = tokenize, n_ctx, cfg.max_text_chars, cfg
         self.products, self.names = list(products), set(products)
 
     def prompt_tokens(self, text: str) -> list[int]:
@@ -115,21 +146,27 @@ class IntentRules:
             return f"text: {tokens} tokens with the instruction, over the {room} the context leaves (serve.n_ctx)"
         return None
 
-    def judge(self, raw: str, latency: float) -> tuple[int, dict]:
-        """(200, the answer) when the model's text is a valid cart intent, else (422, why, with the text)."""
+    def judge(self, completion: Completion, latency: float) -> tuple[int, dict]:
+        """(200, the answer, or the fallback) when the model's text is a valid cart intent, else (422, why, with
+        the text)."""
+        raw, confidence, seconds = completion.text, completion.confidence, round(latency, 4)
         pred = parse_output(raw)
         if not is_valid(pred, self.names):
-            return 422, {"detail": "the model's answer is not a valid cart intent", "raw": raw,
-                         "latency_s": round(latency, 4)}
-        return 200, {**{k: pred[k] for k in ("action", "product", "quantity")}, "raw": raw,
-                     "latency_s": round(latency, 4)}
+            return 422, {"detail": "the model's answer is not a valid cart intent", "raw": raw, "latency_s": seconds}
+        answer = {k: pred.get(k) for k in FIELDS}
+        why = fallback(answer, confidence, self.cfg)
+        if why:
+            return 200, {"action": NO_OPERATION, "product": None, "quantity": None, "fallback": why,
+                         "candidates": candidates(answer, confidence), "confidence": confidence, "raw": raw,
+                         "latency_s": seconds}
+        return 200, {**answer, "confidence": confidence, "raw": raw, "latency_s": seconds}
 
 
 class IntentModel(IntentRules):
     """Text -> (HTTP status, answer) in this process: constrained decoding on one llama.cpp context."""
 
-    def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str]):
-        super().__init__(backend.stepper().tokenize, backend.llm.n_ctx(), max_text_chars, products)
+    def __init__(self, backend: GGUFBackend, cfg: ServeConfig, products: list[str]):
+        super().__init__(backend.stepper().tokenize, backend.llm.n_ctx(), cfg, products)
         self.backend = backend
         self.lock = threading.Lock()   # one llama context is not thread-safe
         backend.vocabulary()           # built once, before the first request
@@ -142,4 +179,4 @@ class IntentModel(IntentRules):
         with self.lock:
             [completion] = self.backend.generate([build_prompt(text.strip())], constrained=True,
                                                  products=self.products)
-        return self.judge(completion.text, time.perf_counter() - began)
+        return self.judge(completion, time.perf_counter() - began)

@@ -1,11 +1,14 @@
 """Scores over saved predictions: exact match with Wilson intervals, per-field and per-group accuracy,
-McNemar's exact test between two variants on the same examples, and the most frequent confusions."""
+McNemar's exact test between two variants on the same examples, the most frequent confusions, how the
+none-form splits the messages (out-of-scope ones turned away, in-scope ones wrongly turned away), and, where the
+decoder reported its confidence (constrained decoding), how well it ranks and how well it is calibrated: the
+risk-coverage curve of selective prediction and the expected calibration error with its reliability diagram."""
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
 
-from .task import exact_match, field_matches, is_valid, parse_output
+from .task import NO_OPERATION, exact_match, field_matches, is_valid, parse_output
 
 QUANTITY_BUCKETS = ((1, 1, "1"), (2, 4, "2-4"), (5, 10, "5-10"), (11, 20, "11-20"), (21, 10**9, "21+"))
 
@@ -31,7 +34,9 @@ def mcnemar(reference: list[bool], candidate: list[bool]) -> dict:
             "p_value": round(p_value, 4), "significant_at_0.05": p_value < 0.05}
 
 
-def quantity_bucket(quantity: int) -> str:
+def quantity_bucket(quantity: int | None) -> str:
+    if quantity is None:   # the none-form
+        return NO_OPERATION
     return next(label for low, high, label in QUANTITY_BUCKETS if low <= quantity <= high)
 
 
@@ -54,6 +59,27 @@ def confusions(rows: list[dict], top: int = 10) -> list[dict]:
     return [{"field": f, "gold": g, "predicted": p, "count": c} for (f, g, p), c in counts.most_common(top)]
 
 
+def turned_away(row: dict) -> bool:
+    """Did the model answer this message with the none-form (no cart operation)?"""
+    return isinstance(row["parsed"], dict) and row["parsed"].get("action") == NO_OPERATION
+
+
+def rate(hits: int, n: int) -> float | None:
+    return round(hits / n, 4) if n else None
+
+
+def scope(rows: list[dict]) -> dict:
+    """Out-of-scope messages (gold none-form) turned away, in-scope ones wrongly turned away, and exact match over
+    the in-scope messages the model did answer with a cart operation."""
+    outside = [r for r in rows if r["gold"]["action"] == NO_OPERATION]
+    inside = [r for r in rows if r["gold"]["action"] != NO_OPERATION]
+    answered = [r for r in inside if not turned_away(r)]
+    return {"out_of_scope": len(outside), "rejected": rate(sum(map(turned_away, outside)), len(outside)),
+            "in_scope": len(inside), "false_rejections": rate(sum(map(turned_away, inside)), len(inside)),
+            "in_scope_exact_match": rate(sum(r["correct"] for r in inside), len(inside)),
+            "exact_match_answered": rate(sum(r["correct"] for r in answered), len(answered))}
+
+
 def score(examples: list[dict], answers, catalog_names: set[str]) -> list[dict]:
     """One prediction row per example: the raw answer, what parses from it, and every correctness flag."""
     rows = []
@@ -64,8 +90,41 @@ def score(examples: list[dict], answers, catalog_names: set[str]) -> list[dict]:
                      "parsed": parsed, "valid": is_valid(parsed, catalog_names), "fields": field_matches(parsed, ex),
                      "correct": exact_match(parsed, ex), "latency_s": round(answer.seconds, 5),
                      "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                     "model_calls": getattr(answer, "model_calls", None)})
+                     "model_calls": getattr(answer, "model_calls", None),
+                     "confidence": getattr(answer, "confidence", None)})
     return rows
+
+
+CALIBRATION_BINS = 10
+COVERAGE_POINTS = 20
+
+
+def calibration(rows: list[dict]) -> dict | None:
+    """Overall confidence against exact match: the expected calibration error over CALIBRATION_BINS equal-width bins,
+    the bins themselves (the reliability diagram), and the risk-coverage curve (answer only the most confident
+    share; exact match of what is answered) with its area (AURC: lower is better). None without confidences."""
+    scored = [(r["confidence"]["overall"], r["correct"]) for r in rows if r.get("confidence")]
+    if not scored:
+        return None
+    n, bins = len(scored), []
+    for b in range(CALIBRATION_BINS):
+        inside = [(c, ok) for c, ok in scored if b / CALIBRATION_BINS <= c < (b + 1) / CALIBRATION_BINS
+                  or (b == CALIBRATION_BINS - 1 and c == 1.0)]
+        if inside:
+            bins.append({"low": b / CALIBRATION_BINS, "n": len(inside),
+                         "confidence": round(sum(c for c, _ in inside) / len(inside), 4),
+                         "exact_match": round(sum(ok for _, ok in inside) / len(inside), 4)})
+    ece = sum(b["n"] / n * abs(b["confidence"] - b["exact_match"]) for b in bins)
+    ranked = [ok for _, ok in sorted(scored, key=lambda pair: -pair[0])]
+    hits, risks = 0, []
+    for k, ok in enumerate(ranked, 1):
+        hits += ok
+        risks.append(1 - hits / k)
+    curve = [{"coverage": round(i / COVERAGE_POINTS, 3),
+              "exact_match": round(1 - risks[max(round(n * i / COVERAGE_POINTS), 1) - 1], 4)}
+             for i in range(1, COVERAGE_POINTS + 1)]
+    return {"n": n, "ece": round(ece, 4), "reliability": bins, "aurc": round(sum(risks) / n, 4),
+            "risk_coverage": curve}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -82,4 +141,6 @@ def summarize(rows: list[dict]) -> dict:
         "by_noise": group_accuracy(rows, lambda r: r.get("noise") or ["none"]),
         "by_quantity": group_accuracy(rows, lambda r: [quantity_bucket(r["gold"]["quantity"])]),
         "top_confusions": confusions(rows),
+        "scope": scope(rows),
+        "calibration": calibration(rows),
     }

@@ -22,6 +22,8 @@ class Scores(TypedDict):
     by_noise: dict[str, dict]
     by_quantity: dict[str, dict]
     top_confusions: list
+    scope: dict                         # the none-form: out-of-scope turned away, in-scope wrongly turned away
+    calibration: dict | None            # constrained decoding's confidence: ECE, reliability bins, risk-coverage
 
 
 class EvalRow(Scores):

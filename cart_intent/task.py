@@ -12,15 +12,21 @@ from pathlib import Path
 from .artifacts import MissingArtifact, jsonl_lines
 from .catalog import run_catalog
 
-ACTIONS = ("add", "remove")
+ACTIONS = ("add", "remove")   # the cart operations
+# The answer to a message that asks for no cart operation (order status, a product question, thanks, a product the
+# catalog does not sell): the same three keys, so every consumer reads one shape, with nothing to put in the cart.
+NO_OPERATION = "none"
 FIELDS = ("action", "product", "quantity")
+ANSWER_FORMS = ('`{"action": "add"|"remove", "product": <catalog name>, "quantity": 1..999}`, or '
+                '`{"action": "none", "product": null, "quantity": null}` when the message asks for no cart change')
 MAX_QUANTITY = 999  # the schema's bound (constrained decoding enumerates 1..999)
 # The longest canonical answer is ~70 characters; 48 tokens covers it even with a character-level tokenizer.
 ANSWER_TOKENS = 48
 
 INSTRUCTION = (
     "Extract the shopping cart intent from the message as JSON with action (add or remove), "
-    "product (catalog name) and quantity (integer)."
+    "product (catalog name) and quantity (integer); action none, with product and quantity null, "
+    "when the message asks for no cart change."
 )
 
 
@@ -33,10 +39,19 @@ class Completion:
     seconds: float
     model_calls: int = 0     # forward passes after the prompt's (free decoding: one per new token; APIs: 0)
     cached: bool = False     # an API answer read back from the response cache (nothing paid)
+    confidence: dict | None = None   # constrained decoding: the model's probabilities (constrained.confidence)
 
 
-def format_answer(action: str, product: str, quantity: int) -> str:
-    """The canonical completion, e.g. {"action": "remove", "product": "Lip Balm", "quantity": 12}."""
+def is_cart_operation(row: dict) -> bool:
+    """Does this labelled row (or answer) ask for a cart change, rather than the none-form?"""
+    return row["action"] != NO_OPERATION
+
+
+def format_answer(action: str, product: str | None, quantity: int | None) -> str:
+    """The canonical completion, e.g. {"action": "remove", "product": "Lip Balm", "quantity": 12}, or
+    {"action": "none", "product": null, "quantity": null} (product and quantity are ignored for "none")."""
+    if action == NO_OPERATION:
+        product = quantity = None
     return json.dumps({"action": action, "product": product, "quantity": quantity}, ensure_ascii=False)
 
 
@@ -70,11 +85,15 @@ def chat_template(bos: bool) -> str:
 
 def answer_json_schema(products: list[str]) -> dict:
     """The answer as JSON Schema: what `response_format` (OpenAI-compatible servers) and validators take."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cart intent", "type": "object",
-            "properties": {"action": {"type": "string", "enum": list(ACTIONS)},
-                           "product": {"type": "string", "enum": list(products)},
-                           "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY}},
-            "required": list(FIELDS), "additionalProperties": False}
+    operation = {"type": "object", "properties": {
+        "action": {"type": "string", "enum": list(ACTIONS)}, "product": {"type": "string", "enum": list(products)},
+        "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY}},
+        "required": list(FIELDS), "additionalProperties": False}
+    no_operation = {"type": "object", "properties": {
+        "action": {"const": NO_OPERATION}, "product": {"type": "null"}, "quantity": {"type": "null"}},
+        "required": list(FIELDS), "additionalProperties": False}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cart intent",
+            "anyOf": [operation, no_operation]}
 
 
 def answer_gbnf(products: list[str]) -> str:
@@ -84,8 +103,9 @@ def answer_gbnf(products: list[str]) -> str:
         return json.dumps(text, ensure_ascii=False)
     assert MAX_QUANTITY == 999, "the quantity rule below spells out 1..999"
     return "\n".join([
-        'root ::= " "? "{" ' + literal('"action": "') + " action " + literal('", "product": "') + " product "
-        + literal('", "quantity": ') + ' quantity "}"',
+        'root ::= " "? "{" ' + literal('"action": "') + " ( operation | none ) " + '"}"',
+        "operation ::= action " + literal('", "product": "') + " product " + literal('", "quantity": ') + " quantity",
+        "none ::= " + literal(format_answer(NO_OPERATION, None, None)[len('{"action": "'):-1]),
         "action ::= " + " | ".join(literal(a) for a in ACTIONS),
         "product ::= " + " | ".join(literal(p) for p in products),
         'quantity ::= [1-9] [0-9]? [0-9]?',
@@ -97,7 +117,7 @@ def text_key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def build_completion(action: str, product: str, quantity: int) -> str:
+def build_completion(action: str, product: str | None, quantity: int | None) -> str:
     return " " + format_answer(action, product, quantity)
 
 
@@ -128,7 +148,10 @@ def parse_output(text) -> dict | None:
 
 
 def is_valid(pred: dict | None, catalog_names: set[str] | None = None) -> bool:
-    """Does pred follow the schema (right keys and types, optionally a catalog product)?"""
+    """Does pred follow the schema (right keys and types, optionally a catalog product)? The none-form may also
+    leave product and quantity out."""
+    if isinstance(pred, dict) and pred.get("action") == NO_OPERATION:
+        return set(pred) <= set(FIELDS) and pred.get("product") is None and pred.get("quantity") is None
     if not isinstance(pred, dict) or set(pred) != set(FIELDS):
         return False
     quantity = pred["quantity"]
@@ -138,16 +161,17 @@ def is_valid(pred: dict | None, catalog_names: set[str] | None = None) -> bool:
 
 
 def field_matches(pred: dict | None, gold: dict) -> dict[str, bool]:
-    """Per-field correctness; quantity must be an int (the string "3" is wrong)."""
+    """Per-field correctness; quantity must be an int (the string "3" is wrong). Against the none-form, product
+    and quantity are right when null or left out."""
     if not isinstance(pred, dict):
         return {f: False for f in FIELDS}
     quantity = pred.get("quantity")
-    return {
-        "action": pred.get("action") == gold["action"],
-        "product": pred.get("product") == gold["product"],
-        "quantity": isinstance(quantity, int) and not isinstance(quantity, bool)
-        and quantity == gold["quantity"],
-    }
+    if gold["quantity"] is None:
+        quantity_right = quantity is None
+    else:
+        quantity_right = isinstance(quantity, int) and not isinstance(quantity, bool) and quantity == gold["quantity"]
+    return {"action": pred.get("action") == gold["action"], "product": pred.get("product") == gold["product"],
+            "quantity": quantity_right}
 
 
 def exact_match(pred: dict | None, gold: dict) -> bool:
@@ -161,16 +185,23 @@ class BadExamples(ValueError):
 
 def example_problem(row, catalog_names: set[str]) -> str | None:
     """Why row is not a labelled example of this task (text, a known action and catalog product, quantity
-    1..MAX_QUANTITY), or None. Training on such a row would teach an answer the schema forbids."""
+    1..MAX_QUANTITY; or action "none" with product and quantity null or left out), or None. Training on such a
+    row would teach an answer the schema forbids."""
     if not isinstance(row, dict):
         return "expected a JSON object with text, action, product, quantity"
-    missing = [k for k in ("text", *FIELDS) if k not in row]
+    missing = [k for k in ("text", "action") if k not in row]
     if missing:
         return f"missing {', '.join(missing)}"
     if not isinstance(row["text"], str) or not row["text"].strip():
         return "text must be a non-empty string"
+    if row["action"] == NO_OPERATION:
+        extra = [k for k in ("product", "quantity") if row.get(k) is not None]
+        return f'action "{NO_OPERATION}" takes no {" or ".join(extra)} (null or left out)' if extra else None
     if row["action"] not in ACTIONS:
-        return f"action must be one of {', '.join(ACTIONS)}, not {row['action']!r}"
+        return f"action must be one of {', '.join((*ACTIONS, NO_OPERATION))}, not {row['action']!r}"
+    missing = [k for k in ("product", "quantity") if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
     if not isinstance(row["product"], str) or row["product"] not in catalog_names:
         return f"product {row['product']!r} is not in the catalog"
     quantity = row["quantity"]
@@ -204,7 +235,7 @@ def numbered_examples(path: Path, catalog_names: set[str]) -> list[tuple[int, di
         problem = example_problem(row, catalog_names)
         if problem:
             raise BadExamples(f"{path}:{number}: {problem}")
-        examples.append((number, row))
+        examples.append((number, {"product": None, "quantity": None, **row}))   # the none-form may leave them out
     if not examples:
         raise BadExamples(f"{path}: no examples")
     return examples

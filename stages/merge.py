@@ -23,7 +23,7 @@ from cart_intent.cards import card, model_meta, model_origin
 from cart_intent.config import as_dict, require
 from cart_intent.generation import exact_match_rate, greedy_generate
 from cart_intent.models import base_models, weights_dir
-from cart_intent.task import build_prompt, chat_template, read_split
+from cart_intent.task import ANSWER_FORMS, build_prompt, chat_template, read_split
 
 PACKAGES = ["torch", "transformers", "peft", "safetensors"]
 
@@ -54,7 +54,7 @@ def model_card(record: dict, adapter_history: dict, results: dict, run_name: str
         "(`cart_intent/task.py: build_prompt`), which the tokenizer's chat template renders from one user message "
         "(`tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": text}], add_generation_prompt=True)`; "
         "system messages are ignored); output: one JSON object "
-        '`{"action": "add"|"remove", "product": <catalog name>, "quantity": 1..999}`, then EOS.',
+        + ANSWER_FORMS + ", then EOS.",
         "",
         f"- base: `{record['spec']}`",
         f"- best checkpoint: {adapter_history.get('best_checkpoint')} (eval loss {adapter_history.get('best_eval_loss')})",

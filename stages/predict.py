@@ -6,7 +6,8 @@ Same model, prompt, constrained decoding and schema check as `python -m stages.s
     python -m stages.predict --config configs/smollm2.toml --text "dodaj 3 paste za zube"
     printf 'add two lip balms\\nquita 3 jabones\\n' | python -m stages.predict --config configs/smoke.toml
 
-Prints {"text", "action", "product", "quantity", "raw", "latency_s"} per message, or
+Prints {"text", "action", "product", "quantity", "confidence", "raw", "latency_s"} per message (with the fallback's
+"fallback" and "candidates" when serve.fallback_threshold or serve.ambiguity_margin turn the answer away), or
 {"text", "error"[, "raw"]} when a message cannot be answered (too long for the context, not valid Unicode,
 an invalid answer) -- the next lines are still answered; exit 0 either way (2: bad config, 3: no GGUF).
 """
@@ -33,7 +34,7 @@ def emit(answer: dict) -> None:
 
 def predict(run, cfg: ServeConfig, args) -> int:
     model = IntentModel(GGUFBackend(gguf_path(run, cfg), n_ctx=cfg.n_ctx, n_threads=cfg.threads or None),
-                        cfg.max_text_chars, run_catalog(run.run_dir).names)
+                        cfg, run_catalog(run.run_dir).names)
     lines = sys.stdin.buffer if args.text in (None, "-") else [args.text.encode("utf-8", "surrogatepass")]
     for number, raw in enumerate(lines, 1):
         try:

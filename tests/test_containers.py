@@ -329,7 +329,7 @@ def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
     module = {**_stage_targets(), "export": "transfer", "import": "transfer"}[target]
     archive = tmp_path / "run.tar.gz"
     common = [target, "CONFIG=configs/smoke.toml", "SET=generate.seed=7 run.seed=3", "GPU=0", f"FILE={archive}",
-              "REALISTIC="]
+              "REALISTIC=", "OUT_OF_SCOPE="]
     commands = {}
     for runner in ("local", "docker"):
         (line,) = [x for x in _make_dry_run(f"RUNNER={runner}", *common) if f" -m stages.{module} " in x + " "]
@@ -354,7 +354,7 @@ def test_make_runs_the_same_command_under_both_runners(target, tmp_path):
 
 def test_make_picks_services_gpu_override_and_runner():
     (line,) = [x for x in _make_dry_run("RUNNER=docker", "GPU=1", "SERVICE_evaluate=evaluate-gpu", "REALISTIC=",
-                                        "evaluate") if "-m stages.evaluate" in x]
+                                        "OUT_OF_SCOPE=", "evaluate") if "-m stages.evaluate" in x]
     assert "-f images/compose.no-gpu.yaml" not in line and " evaluate-gpu python -m stages.evaluate " in line
     engine = subprocess.run(["docker", "info"], capture_output=True).returncode == 0 if shutil.which("docker") else False
     (line,) = [x for x in _make_dry_run("generate") if "-m stages.generate" in x]
@@ -374,7 +374,7 @@ def test_set_and_text_reach_the_program_as_written():
     assert [words[i + 1] for i, w in enumerate(words) if w == "--set"] == sets
 
 
-def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_realistic_set():
+def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_hand_written_sets():
     lines = [x for x in _make_dry_run("RUNNER=local", "FORCE=1", "finetune") if " --config " in x]
     forced = {x.split(" -m stages.", 1)[1].split()[0] for x in lines if " --force" in x}
     assert forced == {"finetune"} and len(lines) == 3   # generate and base run unforced (skipped when up to date)
@@ -382,7 +382,8 @@ def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_realistic_s
     assert lines and all(" --force" in x for x in lines)
     assert not [x for x in _make_dry_run("RUNNER=local", "FORCE=0", "merge") if " --force" in x]
     evaluate = [x for x in _make_dry_run("RUNNER=local", "evaluate") if " -m stages.evaluate" in x]
-    assert len(evaluate) == 2 and evaluate[1].endswith("--data datasets/realistic.jsonl --set 'evaluate.decoding=[\"free\"]'")
+    assert len(evaluate) == 3 and evaluate[1].endswith("--data datasets/realistic.jsonl --set 'evaluate.decoding=[\"free\"]'")
+    assert evaluate[2].endswith("--data datasets/out-of-scope.jsonl")
 
 
 def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):

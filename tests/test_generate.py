@@ -61,12 +61,17 @@ def test_languages_balanced_and_fields_valid(big):
     assert max(counts.values()) - min(counts.values()) <= 1
     names = set(generate.load_catalog().names)
     for ex in rows:
+        assert set(ex["noise"]) <= set(NOISE_KINDS)
+        if ex["action"] == "none":
+            assert ex["product"] is None and ex["quantity"] is None and "-none-" in ex["template_id"]
+            continue
         assert ex["action"] in ("add", "remove") and ex["product"] in names
         assert isinstance(ex["quantity"], int) and 1 <= ex["quantity"] <= 50
-        assert set(ex["noise"]) <= set(NOISE_KINDS)
-    assert Counter(ex["action"] for ex in rows)["remove"] / len(rows) == pytest.approx(0.5, abs=0.05)
-    assert Counter(ex["quantity"] for ex in rows).most_common(1)[0][0] == 1
-    assert max(ex["quantity"] for ex in rows) >= 40
+    actions = Counter(ex["action"] for ex in rows)
+    assert actions["none"] / len(rows) == pytest.approx(generate.GenerateConfig().none_share, abs=0.03)
+    assert actions["remove"] / (len(rows) - actions["none"]) == pytest.approx(0.5, abs=0.05)
+    quantities = [ex["quantity"] for ex in rows if ex["action"] != "none"]
+    assert Counter(quantities).most_common(1)[0][0] == 1 and max(quantities) >= 40
 
 
 def test_every_noise_kind_near_its_rate(big):
@@ -152,3 +157,40 @@ def test_a_file_too_small_for_the_splits_is_one_line_exit_2(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "smoke" / "data").exists()
+
+
+def test_out_of_scope_messages_cover_every_category_and_the_catalogs_own_foreign_products(big):
+    splits, _ = big
+    rows = [ex for part in splits.values() for ex in part if ex["action"] == "none"]
+    categories = {ex["template_id"].split("-none-")[1].rsplit("-", 1)[0] for ex in rows}
+    lex = json.loads(generate.TEMPLATES_PATH.read_text(encoding="utf-8"))
+    assert categories == set(lex["out_of_scope"]["en"]) | {"out_of_catalog"}
+    foreign = {form["sg"] for form in generate.load_catalog().out_of_catalog["en"]} | \
+              {form["pl"] for form in generate.load_catalog().out_of_catalog["en"]}
+    requests = [ex["text"].casefold() for ex in rows
+                if "out_of_catalog" in ex["template_id"] and ex["lang"] == "en" and "typo" not in ex["noise"]]
+    assert requests and all(any(noun in text for noun in foreign) for text in requests)
+    assert not any("{" in ex["text"] for ex in rows)   # every slot filled
+
+
+def test_a_catalog_without_foreign_products_and_none_share_zero(tmp_path):
+    catalog = json.loads((ROOT / "cart_intent" / "catalog.json").read_text(encoding="utf-8"))
+    del catalog["out_of_catalog"]
+    path = tmp_path / "shop.json"
+    path.write_text(json.dumps(catalog), encoding="utf-8")
+    out = run_generate(tmp_path / "a", f"generate.catalog='{path}'", "generate.n_examples=600")
+    rows = [ex for name in ("train", "val", "test") for ex in read_jsonl(out / f"{name}.jsonl")]
+    assert any(ex["action"] == "none" for ex in rows)
+    assert not any("out_of_catalog" in ex["template_id"] for ex in rows)
+    out = run_generate(tmp_path / "b", "generate.none_share=0", "generate.n_examples=600")
+    assert not any(ex["action"] == "none" for name in ("train", "val", "test") for ex in read_jsonl(out / f"{name}.jsonl"))
+
+
+def test_the_hand_written_out_of_scope_set_is_valid_and_not_generated(big):
+    from cart_intent.task import read_examples, text_key
+    rows = read_examples(ROOT / "datasets" / "out-of-scope.jsonl", set(generate.load_catalog().names))
+    assert all(row["action"] == "none" for row in rows)
+    assert min(Counter(row["lang"] for row in rows).values()) >= 30
+    splits, _ = big
+    generated = {text_key(ex["text"]) for part in splits.values() for ex in part}
+    assert not generated & {text_key(row["text"]) for row in rows}

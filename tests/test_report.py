@@ -32,7 +32,10 @@ def scores(em):
             "json_valid": 1.0, "field_accuracy": {"action": 1.0, "product": em, "quantity": em},
             "by_language": {"en": {"n": 10, "exact_match": em}, "hr": {"n": 10, "exact_match": em - 0.1}},
             "by_noise": {"typo": {"n": 5, "exact_match": em - 0.2}, "none": {"n": 15, "exact_match": em}},
-            "by_quantity": {"1": {"n": 20, "exact_match": em}}, "top_confusions": []}
+            "by_quantity": {"1": {"n": 20, "exact_match": em}}, "top_confusions": [],
+            "scope": {"out_of_scope": 4, "rejected": 0.75, "in_scope": 16, "false_rejections": 0.0625,
+                      "in_scope_exact_match": em, "exact_match_answered": em},
+            "calibration": None}
 
 
 def eval_row(variant, decoding, em):

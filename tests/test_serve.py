@@ -78,10 +78,15 @@ def server(request, quantized):
 
 
 def assert_intent(answer):
-    assert answer["action"] in ("add", "remove")
-    assert answer["product"] in load_catalog().names
-    assert isinstance(answer["quantity"], int) and answer["quantity"] >= 1
+    if answer["action"] == "none":   # the none-form: no cart operation
+        assert answer["product"] is None and answer["quantity"] is None
+    else:
+        assert answer["action"] in ("add", "remove")
+        assert answer["product"] in load_catalog().names
+        assert isinstance(answer["quantity"], int) and answer["quantity"] >= 1
     assert isinstance(answer["raw"], str) and answer["latency_s"] >= 0
+    confidence = answer["confidence"]
+    assert 0 < confidence["overall"] <= min(confidence["action"], confidence["product"], confidence["quantity"]) <= 1
 
 
 def test_intent_answers_schema_checked_json(server):
@@ -400,6 +405,30 @@ def test_predict_one_text_and_stdin_lines(quantized):
     assert_intent(answers[2])
 
 
+def test_the_fallback_turns_a_doubtful_answer_into_the_none_form_with_candidates(quantized):
+    """Rasa's two knobs: below the confidence threshold, or with a runner-up product too close, the reply is the
+    none-form with the reason and the candidates, the model's own answer first."""
+    texts = ["dodaj 3 paste za zube", "add two lip balms"]
+    plain, doubtful, ambiguous = ([json.loads(line) for line in subprocess.run(
+        command("predict", quantized.parent, "serve.threads=2", *knobs), input="\n".join(texts) + "\n", cwd=ROOT,
+        capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()]
+        for knobs in ((), ("serve.fallback_threshold=1.0",), ("serve.ambiguity_margin=1.0",)))
+    for answer, low, close in zip(plain, doubtful, ambiguous):
+        assert_intent(answer)
+        assert_intent(low)
+        if answer["action"] == "none":   # already no cart operation: nothing to fall back from
+            assert "fallback" not in low and "fallback" not in close
+            continue
+        model_answer = {k: answer[k] for k in ("action", "product", "quantity")}
+        assert low["fallback"] == "low_confidence" and low["action"] == "none" and low["product"] is None
+        assert {k: low["candidates"][0][k] for k in model_answer} == model_answer
+        assert low["candidates"][0]["confidence"] == answer["confidence"]["overall"]
+        if answer["confidence"]["runner_up"]:
+            assert close["fallback"] == "ambiguous"
+            assert [c["product"] for c in close["candidates"][1:]] == [
+                p for p in answer["confidence"]["runner_up"]["products"] if p != answer["product"]]
+
+
 def test_a_truncated_gguf_exits_3_in_predict_and_serve(quantized, tmp_path):
     """serve and predict check the file against the gguf manifest, as the stages check their inputs."""
     import shutil
@@ -435,12 +464,19 @@ def test_the_llama_server_back_end_answers_as_the_in_process_one(quantized):
     rows = [json.loads(line) for line in (quantized / "data" / "test.jsonl").read_text().splitlines()[:6]]
     prompts = [build_prompt(row["text"]) for row in rows]
     local = GGUFBackend(path, n_threads=2)
-    expected = [c.text for c in local.generate(prompts, constrained=True, products=names)]
+    answers = local.generate(prompts, constrained=True, products=names)
+    expected = [c.text for c in answers]
     expected_free = [answer_text(c.text) for c in local.generate(prompts)]
     local.close()
     with LlamaServer(path, ServeConfig(slots=2, threads=2), "tiny") as server:
         backend = LlamaServerBackend(path, server.port, slots=2)
         with ThreadPoolExecutor(2) as pool:
-            served = list(pool.map(lambda p: backend.generate([p], constrained=True, products=names)[0].text, prompts))
+            served_answers = list(pool.map(lambda p: backend.generate([p], constrained=True, products=names)[0],
+                                           prompts))
         served_free = [answer_text(c.text) for c in backend.generate(prompts)]
-    assert served == expected and served_free == expected_free
+    assert [c.text for c in served_answers] == expected and served_free == expected_free
+    for mine, theirs in zip(answers, served_answers):   # the same probabilities, from llama-server's n_probs
+        assert theirs.confidence["overall"] == pytest.approx(mine.confidence["overall"], rel=1e-3, abs=1e-6)
+        assert theirs.confidence["product"] == pytest.approx(mine.confidence["product"], rel=1e-3, abs=1e-6)
+        assert (theirs.confidence["runner_up"] or {}).get("products") == (mine.confidence["runner_up"] or {}).get(
+            "products")

@@ -73,6 +73,25 @@ def test_validity_checks_schema_and_catalog():
     assert not is_valid({**GOLD, "action": "delete"})
 
 
+NONE = {"action": "none", "product": None, "quantity": None}
+
+
+def test_the_none_form_is_one_shape_scored_like_any_label():
+    assert format_answer("none", "Lip Balm", 3) == '{"action": "none", "product": null, "quantity": null}'
+    assert is_valid(dict(NONE), {"Lip Balm"}) and is_valid({"action": "none"}, {"Lip Balm"})
+    assert not is_valid({"action": "none", "product": "Lip Balm"}) and not is_valid({**NONE, "extra": 1})
+    assert exact_match({"action": "none"}, NONE) and exact_match(parse_output(build_completion(**NONE)), NONE)
+    assert not exact_match(dict(GOLD), NONE) and not exact_match(dict(NONE), GOLD)
+    assert field_matches({"action": "none", "quantity": 0}, NONE) == {"action": True, "product": True,
+                                                                       "quantity": False}
+
+
+def test_a_none_row_may_leave_product_and_quantity_out(tmp_path):
+    path = tmp_path / "oos.jsonl"
+    path.write_text(json.dumps({"text": "where is my order?", "action": "none"}) + "\n")
+    assert read_examples(path, {"Lip Balm"}) == [{"text": "where is my order?", **NONE}]
+
+
 def test_prompt_and_completion_round_trip():
     prompt = build_prompt("Can you delet 12 lip balms for me?")
     assert prompt.endswith("Message: Can you delet 12 lip balms for me?\nJSON:")
@@ -89,7 +108,10 @@ ROW = {"text": "Can you delet 12 lip balms for me?", **GOLD}
 @pytest.mark.parametrize("change, problem", [
     ({"product": "Unicorn"}, "product 'Unicorn' is not in the catalog"),
     ({"product": 7}, "product 7 is not in the catalog"),
-    ({"action": "buy"}, "action must be one of add, remove, not 'buy'"),
+    ({"action": "buy"}, "action must be one of add, remove, none, not 'buy'"),
+    ({"action": "none"}, 'action "none" takes no product or quantity (null or left out)'),
+    ({"action": "none", "product": None}, 'action "none" takes no quantity (null or left out)'),
+    ({"product": None}, "product None is not in the catalog"),
     ({"quantity": 0}, "quantity must be an integer from 1 to 999, not 0"),
     ({"quantity": 1000}, "quantity must be an integer from 1 to 999, not 1000"),
     ({"quantity": True}, "quantity must be an integer from 1 to 999, not True"),

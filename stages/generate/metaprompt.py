@@ -14,7 +14,7 @@ import unicodedata
 from cart_intent import cli
 from cart_intent.api_client import ApiUnavailable, OpenAICompatible, ResponseCache
 from cart_intent.catalog import NUMBER_WORDS, Catalog
-from cart_intent.task import text_key
+from cart_intent.task import is_cart_operation, text_key
 
 LANGUAGE_NAMES = {"en": "English", "hr": "Croatian", "es": "Spanish"}
 STYLES = {
@@ -209,10 +209,11 @@ def run_backend(examples: list[dict], cfg, catalog: Catalog, cache_path, log) ->
     None (after one clear line) when the endpoint or the request budget gives out.
     """
     n = len(examples)
+    operations = [i for i, ex in enumerate(examples) if is_cart_operation(ex)]  # out-of-scope rows keep their text
     if cfg.backend == "llm":
-        indices = list(range(n))
+        indices = operations
     else:
-        indices = sorted(random.Random(f"{cfg.seed}/mixed").sample(range(n), round(n * cfg.llm_share)))
+        indices = sorted(random.Random(f"{cfg.seed}/mixed").sample(operations, round(len(operations) * cfg.llm_share)))
     chars = sum(len(build_prompt(examples[i], "formal", [], catalog)) for i in indices[:50]) / max(1, len(indices[:50]))
     guess = estimate(len(indices), chars, cfg.llm_max_tokens, cfg.llm_price_per_1k_tokens)
     log(f"llm backend: {len(indices)} of {n} examples by {cfg.llm_model}; first attempts ~{guess['requests']} "

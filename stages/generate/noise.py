@@ -107,3 +107,16 @@ def punctuation(text, lang, rng, lex):
 
 # Applied in this order: additions around the sentence first, character-level noise last.
 NOISE_FUNCTIONS = {kind: globals()[kind] for kind in NOISE_KINDS}
+
+
+def add_noise(text: str, lang: str, probabilities: dict[str, float], rng, lex) -> tuple[str, list[str]]:
+    """Each noise kind with its probability (no code-switching in English); the text and the kinds that changed it."""
+    applied = []
+    for kind in NOISE_KINDS:
+        if kind == "code_switch" and lang == "en":
+            continue
+        if rng.random() < probabilities[kind]:
+            new = NOISE_FUNCTIONS[kind](text, lang, rng, lex)
+            if new != text:
+                text, applied = new, applied + [kind]
+    return text, applied

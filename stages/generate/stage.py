@@ -23,16 +23,16 @@ from pathlib import Path
 
 from rich.text import Text
 
-from stages.generate import metaprompt
+from stages.generate import metaprompt, out_of_scope
 from stages.generate.own_rows import read_own_rows
-from stages.generate.noise import NOISE_FUNCTIONS, NOISE_KINDS
+from stages.generate.noise import NOISE_KINDS, add_noise
 from cart_intent import artifacts, cli
 from cart_intent.api_client import ApiSettings
 from cart_intent.cards import card, dataset_meta
 from cart_intent.catalog import (CATALOG_PATH, LANGUAGES, RUN_CATALOG, Catalog, CatalogError, indefinite, load_catalog,
                                 quantity_phrase, unit_phrase)
 from cart_intent.config import ConfigError, as_dict, require
-from cart_intent.task import MAX_QUANTITY, text_key
+from cart_intent.task import MAX_QUANTITY, NO_OPERATION, is_cart_operation, text_key
 
 TEMPLATES_PATH = artifacts.data_file(__file__, "templates.json")
 
@@ -62,6 +62,9 @@ class GenerateConfig:
     split_seed: int = 42
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES))
     remove_share: float = 0.5
+    # Share of messages that ask for no cart change (order status, questions, thanks, products the shop does not
+    # sell: stages/generate/out_of_scope.py), labelled {"action": "none", ...}; 0: cart operations only
+    none_share: float = 0.15
     # [low, high, weight]: quantity uniform in [low, high], bucket chosen by weight.
     # 1 dominates real carts; 2-6 are common; a long tail reaches 50.
     quantity_buckets: list[list[int]] = field(default_factory=lambda: [
@@ -90,6 +93,7 @@ class GenerateConfig:
         require(bool(self.languages) and set(self.languages) <= set(LANGUAGES)
                 and len(set(self.languages)) == len(self.languages), "languages", f"distinct values of {LANGUAGES}")
         require(0 <= self.remove_share <= 1, "remove_share", "a fraction in [0, 1]")
+        require(0 <= self.none_share < 1, "none_share", "a fraction in [0, 1)")
         require(all(len(b) == 3 and 1 <= b[0] <= b[1] <= MAX_QUANTITY and b[2] >= 0 for b in self.quantity_buckets)
                 and sum(b[2] for b in self.quantity_buckets) > 0, "quantity_buckets",
                 f"[low, high, weight] triples with 1 <= low <= high <= {MAX_QUANTITY} and weights >= 0, not all 0")
@@ -98,6 +102,13 @@ class GenerateConfig:
                 "probabilities in [0, 1] for exactly word, x, dozen, implicit, unit")
         require(set(self.noise) == set(NOISE_KINDS) and all(0 <= p <= 1 for p in self.noise.values()),
                 "noise", f"probabilities in [0, 1] for exactly {', '.join(NOISE_KINDS)}")
+
+
+def draw_action(rng: random.Random, cfg: GenerateConfig) -> str:
+    """none (at none_share; no draw at all when 0, so such a dataset is the one without the none-form), add or remove."""
+    if cfg.none_share and rng.random() < cfg.none_share:
+        return NO_OPERATION
+    return "remove" if rng.random() < cfg.remove_share else "add"
 
 
 def draw_quantity(rng: random.Random, buckets: list[list[int]]) -> int:
@@ -136,16 +147,17 @@ def render_text(gold: dict, catalog: Catalog, lex: dict, cfg: GenerateConfig, rn
     item, style = render_item(catalog, lang, gold["product"], gold["quantity"], cfg, rng, case)
     text = template.replace(slot, item)
     text = text[0].upper() + text[1:] if template.startswith(slot) and rng.random() < 0.5 else text
-    applied = []
-    for kind in NOISE_KINDS:
-        if kind == "code_switch" and lang == "en":
-            continue
-        if rng.random() < cfg.noise[kind]:
-            new = NOISE_FUNCTIONS[kind](text, lang, rng, lex)
-            if new != text:
-                text, applied = new, applied + [kind]
+    text, applied = add_noise(text, lang, cfg.noise, rng, lex)
     return {"text": " ".join(text.split()), "template_id": f"{lang}-{action}-{index:02d}",
             "quantity_style": style, "noise": applied}
+
+
+def render_out_of_scope(gold: dict, catalog: Catalog, lex: dict, cfg: GenerateConfig, rng: random.Random) -> dict:
+    """A message asking for no cart change, with the same noise as the cart messages."""
+    row = out_of_scope.draw(gold["lang"], catalog, lex, rng, gold["quantity"])
+    text, applied = add_noise(row["text"], gold["lang"], cfg.noise, rng, lex)
+    return {"text": " ".join(text.split()), "template_id": row["template_id"], "quantity_style": NO_OPERATION,
+            "noise": applied}
 
 
 def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict, n: int,
@@ -158,9 +170,10 @@ def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict, n: int,
         gold = {"lang": cfg.languages[i % len(cfg.languages)]}
         for attempt in range(200):
             if attempt % 20 == 0:  # after 20 clashes, new ground truth for this slot (same language)
-                gold.update(action="remove" if rng.random() < cfg.remove_share else "add",
-                            product=rng.choice(catalog.names), quantity=draw_quantity(rng, cfg.quantity_buckets))
-            row = render_text(gold, catalog, lex, cfg, rng)
+                gold.update(action=draw_action(rng, cfg), product=rng.choice(catalog.names),
+                            quantity=draw_quantity(rng, cfg.quantity_buckets))
+            render = render_text if is_cart_operation(gold) else render_out_of_scope
+            row = render(gold, catalog, lex, cfg, rng)
             if text_key(row["text"]) not in seen:
                 break
             redrawn += 1
@@ -169,8 +182,10 @@ def generate_examples(cfg: GenerateConfig, catalog: Catalog, lex: dict, n: int,
                               f"and the templates (200 tries for the next one); lower n_examples, or add products, "
                               f"languages or noise")
         seen.add(text_key(row["text"]))
+        operation = is_cart_operation(gold)
         examples.append({"id": f"ex-{i:05d}", "lang": gold["lang"], "text": row["text"], "action": gold["action"],
-                         "product": gold["product"], "quantity": gold["quantity"],
+                         "product": gold["product"] if operation else None,
+                         "quantity": gold["quantity"] if operation else None,
                          "template_id": row["template_id"], "quantity_style": row["quantity_style"],
                          "noise": row["noise"]})
     return examples, redrawn
@@ -194,8 +209,9 @@ def statistics(splits: dict[str, list[dict]], redrawn: int) -> dict:
     return {"counts": {k: len(v) for k, v in splits.items()}, "total": len(rows), "duplicates_redrawn": redrawn,
             "lang": count("lang"), "action": count("action"), "quantity_style": count("quantity_style"),
             "noise": {k: sum(k in ex["noise"] for ex in rows) for k in NOISE_KINDS},
-            "quantity_histogram": {str(k): v for k, v in sorted(Counter(ex["quantity"] for ex in rows).items())},
-            "products": len({ex["product"] for ex in rows}), "templates_used": len({ex["template_id"] for ex in rows})}
+            "quantity_histogram": {str(k): v for k, v in sorted(Counter(ex["quantity"] for ex in rows
+                                                                       if is_cart_operation(ex)).items())},
+            "products": len({ex["product"] for ex in rows if is_cart_operation(ex)}), "templates_used": len({ex["template_id"] for ex in rows})}
 
 
 def dataset_card(stats: dict, cfg: GenerateConfig, run_name: str, llm_section: str = "") -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cart_intent.cards import card, model_meta, model_origin
-from cart_intent.task import ANSWER_TOKENS, answer_gbnf, answer_json_schema, build_prompt
+from cart_intent.task import ANSWER_FORMS, ANSWER_TOKENS, answer_gbnf, answer_json_schema, build_prompt
 
 # Ollama's default type: the paper's recommended size/accuracy point
 DEFAULT_TYPE = "Q4_K_M"
@@ -56,7 +56,7 @@ def model_card(spec: str, variants: dict, merged: dict, run_name: str) -> str:
         f"# {spec} fine-tuned for cart-intent extraction, GGUF",
         "",
         "One message in English, Croatian or Spanish in; one JSON object out: "
-        '`{"action": "add"|"remove", "product": <catalog name>, "quantity": 1..999}`.',
+        + ANSWER_FORMS + ".",
         "Every file carries the chat template that renders one user message into the training prompt "
         "(system messages are ignored), so chat front ends send the prompt the model was trained on. Decode "
         "greedily (temperature 0).",

@@ -255,3 +255,23 @@ def training_curve(curves: dict[str, list[dict]], path: Path) -> Path:
     loss_ax.set(xlabel="minutes of training", ylabel="validation loss (completion tokens)")
     em_ax.legend(frameon=False)
     return _save(fig, path)
+
+
+def calibration(rows: list[dict], path: Path) -> Path:
+    """Reliability diagram (left: mean confidence vs exact match per bin) and risk-coverage (right: exact match of
+    the answers kept when only the most confident share is answered), one line per variant (constrained decoding)."""
+    plt = _plt()
+    fig, (rel_ax, cov_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rel_ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for r in rows:
+        bins, curve = r["calibration"]["reliability"], r["calibration"]["risk_coverage"]
+        label = f"{r['variant']} (ECE {r['calibration']['ece']:.3f})"
+        rel_ax.plot([b["confidence"] for b in bins], [b["exact_match"] for b in bins], marker="o", label=label,
+                    color=color(r["variant"]))
+        cov_ax.plot([p["coverage"] for p in curve], [p["exact_match"] for p in curve], label=r["variant"],
+                    color=color(r["variant"]))
+    rel_ax.set(xlabel="confidence (mean per bin)", ylabel="exact match", xlim=(0, 1.02), ylim=(0, 1.02))
+    cov_ax.set(xlabel="coverage (share answered, most confident first)", ylabel="exact match of those answered",
+               xlim=(0, 1.02))
+    rel_ax.legend(frameon=False, fontsize=7)
+    return _save(fig, path)

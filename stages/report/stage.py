@@ -238,9 +238,54 @@ def other_sets_blocks(data: dict) -> list[tuple]:
                          fmt(r["exact_match_ci95"]), *(fmt(r["by_language"].get(lang, {}).get("exact_match"))
                                                         for lang in langs)])
     return [("h2", "Synthetic test split vs other labelled sets (free decoding)"),
-            ("p", "Other sets are scored by `evaluate --data FILE`; datasets/realistic.jsonl holds messages written by "
-                  "hand as shoppers type, never seen in training and not made by the generator's templates."),
+            ("p", "Other sets are scored by `evaluate --data FILE`; datasets/realistic.jsonl holds cart messages and "
+                  "datasets/out-of-scope.jsonl messages that ask for no cart change (its exact match is the share "
+                  "turned away), written by hand as shoppers type, never seen in training and not made by the "
+                  "generator's templates."),
             ("table", ["set", "examples", "variant", "exact match", "95% CI", *(f"EM {lang}" for lang in langs)], rows)]
+
+
+def scope_blocks(data: dict) -> list[tuple]:
+    """Messages that ask for no cart change: how many each variant turns away (the none-form), and how many cart
+    operations it wrongly turns away, on every set that holds either."""
+    rows = []
+    for name, d in {"synthetic test": data["eval"], **data["other_sets"]}.items():
+        for r in d["rows"]:
+            scope = r.get("scope") or {}
+            if "skipped" in r or not (scope.get("out_of_scope") or scope.get("false_rejections")):
+                continue
+            rows.append([name, r["decoding"], variant_label(r["variant"].split("/", 1)[1]), fmt(scope["out_of_scope"]),
+                         fmt(scope["rejected"]), fmt(scope["in_scope"]), fmt(scope["false_rejections"]),
+                         fmt(scope["exact_match_answered"])])
+    if not rows:
+        return []
+    return [("h2", "Out-of-scope messages (no cart operation)"),
+            ("p", 'The answer {"action": "none", "product": null, "quantity": null} says a message asks for no cart '
+                  "change (order status, a question, thanks, a product the shop does not sell). Turned away: share of "
+                  "such messages answered so; wrongly turned away: share of cart operations answered so; exact match "
+                  "answered: over the cart operations the variant did answer. datasets/out-of-scope.jsonl holds "
+                  "such messages written by hand, never trained on."),
+            ("table", ["set", "decoding", "variant", "out-of-scope messages", "turned away", "cart operations",
+                       "wrongly turned away", "exact match answered"], rows)]
+
+
+def confidence_blocks(data: dict, fig_dir: Path) -> list[tuple]:
+    """How well the constrained decoder's confidence ranks and is calibrated, per variant, on the test split."""
+    rows = [{**r, "variant": variant_label(r["variant"].split("/", 1)[1])} for r in data["eval"]["rows"]
+            if "skipped" not in r and r.get("calibration")]
+    if not rows:
+        return []
+    def kept(r, share):   # exact match when only the most confident `share` is answered
+        return next(p["exact_match"] for p in r["calibration"]["risk_coverage"] if p["coverage"] >= share)
+    return [("h2", "Confidence (constrained decoding, synthetic test split)"),
+            ("p", "The decoder's confidence is the model's own probability of its choices (cart_intent/constrained.py); "
+                  "ECE: expected calibration error over 10 bins (0 is calibrated); AURC: area under the risk-coverage "
+                  "curve (lower ranks errors last). serve.fallback_threshold and serve.ambiguity_margin act on it."),
+            ("table", ["variant", "messages", "ECE", "AURC", "EM at 90% coverage", "EM at 80% coverage", "EM (all)"],
+             [[r["variant"], fmt(r["calibration"]["n"]), fmt(r["calibration"]["ece"]), fmt(r["calibration"]["aurc"]),
+               fmt(kept(r, 0.9)), fmt(kept(r, 0.8)), fmt(r["exact_match"])] for r in rows]),
+            ("figure", figures.calibration(rows, fig_dir / "calibration.png"),
+             "Reliability diagram and risk-coverage curve per variant")]
 
 
 def training_blocks(finetune: dict, fig_dir: Path) -> list[tuple]:
@@ -485,6 +530,7 @@ def build(run_name: str, data: dict, cfg: ReportConfig, out: Path) -> dict:
     cpu, gpu = cpu_rows(data, accuracy, sizes), gpu_rows(data)
     recommendation = recommend(accuracy, cpu, gpu, sizes, cfg.accuracy_margin)
     blocks = [*intro_blocks(run_name, data), *accuracy_blocks(accuracy, fig_dir), *other_sets_blocks(data),
+              *scope_blocks(data), *confidence_blocks(data, fig_dir),
               *training_blocks(data["manifests"].get("finetune", {}), fig_dir),
               *cpu_blocks(cpu, pareto_points(accuracy, cpu, sizes), fig_dir), *bench_blocks(cpu, data["manifests"]),
               *gpu_blocks(gpu, data["gpu_skipped"], fig_dir)]

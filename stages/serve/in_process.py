@@ -24,7 +24,7 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     model = ModelSettings(model=str(path), model_alias=alias(path, cfg), n_ctx=cfg.n_ctx, verbose=False,
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
-    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products)
+    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg, products)
     app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products),
                        own_grammar_only=True)
 
@@ -36,7 +36,8 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
 
     @app.post("/v1/intent", tags=["cart intent"])
     async def cart_intent(body: IntentRequest):
-        """{"text": "..."} -> {"action", "product", "quantity", "raw", "latency_s"}."""
+        """{"text": "..."} -> {"action", "product", "quantity", "confidence", "raw", "latency_s"} (or the
+        none-form with "fallback" and "candidates")."""
         problem = intent.check_text(body.text)
         if problem:
             return JSONResponse({"detail": problem}, status_code=422)

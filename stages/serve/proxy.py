@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from cart_intent.backends import Cancelled, LlamaServerBackend, ServerFailed
 from cart_intent.intent import IntentRules, ServeConfig
-from cart_intent.task import answer_gbnf, answer_json_schema, build_prompt
+from cart_intent.task import Completion, answer_gbnf, answer_json_schema, build_prompt
 from cart_intent.llama_server import LlamaServer
 from stages.serve.routes import AnswerSchemaAsGrammar, IntentRequest
 
@@ -56,27 +56,28 @@ def create_proxy_app(server: LlamaServer, cfg: ServeConfig, rules: IntentRules, 
 
     @app.post("/v1/intent", tags=["cart intent"])
     async def cart_intent(body: IntentRequest, request: Request):
-        """{"text": "..."} -> {"action", "product", "quantity", "raw", "latency_s"}."""
+        """{"text": "..."} -> {"action", "product", "quantity", "confidence", "raw", "latency_s"} (or the
+        none-form with "fallback" and "candidates")."""
         problem = rules.check_text(body.text)
         if problem:
             return JSONResponse({"detail": problem}, status_code=422)
         began, cancelled = time.perf_counter(), threading.Event()
 
-        def decide() -> str | None:
+        def decide() -> Completion | None:
             try:
                 [answer] = backend.generate([build_prompt(body.text.strip())], constrained=True,
                                             products=rules.products, cancelled=cancelled)
             except Cancelled:
                 return None
-            return answer.text
+            return answer
 
         try:
-            raw = await unless_disconnected(request, run_in_threadpool(decide), cancelled.set)
+            completion = await unless_disconnected(request, run_in_threadpool(decide), cancelled.set)
         except ServerFailed as err:
             return unavailable(str(err))
-        if raw is None:
+        if completion is None:
             return Response(status_code=499)   # nobody to answer; the slot is already back in the pool
-        status, answer = rules.judge(raw, time.perf_counter() - began)
+        status, answer = rules.judge(completion, time.perf_counter() - began)
         return JSONResponse(answer, status_code=status)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False)

@@ -9,7 +9,10 @@ intent holds (the slot's KV cache keeps everything but the new tokens); every ot
 frees its slot. `llama-cpp-python`: llama-cpp-python's server routes and /v1/intent share one llama.cpp
 context in this process and take turns (one request at a time). /v1/intent takes
 {"text": "..."} and answers the schema-checked {"action", "product", "quantity"} decoded with constrained
-decoding on (plus "raw" and "latency_s"), or 422 {"detail", "raw"} when the answer is not a valid one.
+decoding on (action "none" with product and quantity null: no cart operation), with the decoder's "confidence"
+(per field and overall, and the runner-up products), "raw" and "latency_s"; below serve.fallback_threshold or
+serve.ambiguity_margin the none-form with "fallback" and "candidates" instead (cart_intent/intent.py); or 422
+{"detail", "raw"} when the answer is not a valid one.
 Bad requests (no text, empty text, over-long text in characters or in tokens for the context, text that is
 not valid Unicode, not JSON) get a 4xx with a message. The GGUF's chat template makes /v1/chat/completions
 with one user message send the training prompt; with the answer's JSON Schema (gguf/<model>/schema.json) in
@@ -73,7 +76,7 @@ def serve(run, cfg: ServeConfig, args) -> int:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
             backend = LlamaServerBackend(path, server.port, cfg.slots, cfg.prompt_cache)
             backend.vocabulary()   # built once, before the first request
-            rules = IntentRules(backend.tokenize, server.slot_context(), cfg.max_text_chars, products)
+            rules = IntentRules(backend.tokenize, server.slot_context(), cfg, products)
             cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
                               f"/metrics; llama-server, {cfg.slots} slots)")
             return run_until_stopped(guarded(create_proxy_app(server, cfg, rules, backend), cfg), cfg)
