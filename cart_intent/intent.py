@@ -1,11 +1,7 @@
 """The served specialist, shared by `serve` (/v1/intent), `predict` and `loadtest`: the [serve] config, which
 GGUF file it names, the rules a message and an answer must pass, and text -> checked answer in this process
-(constrained decoding, parse, schema check, the fallback).
-
-The fallback, as Rasa's FallbackClassifier: an answer whose overall confidence is below `fallback_threshold`, or
-whose product beat the runner-up by less than `ambiguity_margin`, is not acted on: the reply is the none-form with
-`"fallback": "low_confidence"` or `"ambiguous"` and the `candidates` (the model's answer first, then the runner-up
-products), for a shop's "did you mean ...?"."""
+(constrained decoding, parse, schema check, the fallback of cart_intent/fallback.py: the reply is then the
+none-form with `"fallback": "low_confidence"` or `"ambiguous"` and the `candidates`, for "did you mean ...?")."""
 from __future__ import annotations
 
 import os
@@ -14,11 +10,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import MissingArtifact
+from . import fallback
+from .artifacts import MissingArtifact, read_manifest
 from .backends import GGUFBackend
 from .config import ConfigError, require
 from .registry import require_stage
 from .task import ANSWER_TOKENS, FIELDS, NO_OPERATION, Completion, build_prompt, is_valid, parse_output
+
+FALLBACKS = ("validation", "config", "off")
 
 
 ENGINES = ("llama-server", "llama-cpp-python")
@@ -41,10 +40,11 @@ class ServeConfig:
     startup_timeout_s: int = 120  # llama-server: until it answers /health
     # web pages (origins) allowed to call the server from a browser, e.g. ["https://shop.example"]; [] none
     cors_origins: list[str] = field(default_factory=list)
-    # the fallback (no cart operation, candidates instead): overall confidence below the threshold, or a product
-    # that beat the runner-up by less than the margin (0: off)
-    fallback_threshold: float = 0.0
-    ambiguity_margin: float = 0.0
+    # the fallback (no cart operation, candidates instead): "validation": the threshold and margin `make evaluate`
+    # chose on the validation split for this variant (off until it has); "config": the two keys below; "off"
+    fallback: str = "validation"
+    fallback_threshold: float = 0.0   # overall confidence below it: low_confidence
+    ambiguity_margin: float = 0.0     # the product's lead over the runner-up below it: ambiguous
     # the environment variable holding the API key every route but /health then asks for
     # (`Authorization: Bearer <key>`, as OpenAI, llama-server and vLLM do); "": no key
     api_key_env: str = ""
@@ -63,6 +63,7 @@ class ServeConfig:
         require(self.n_ctx >= 128, "n_ctx", "an integer >= 128")
         require(all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2
                     for o in self.cors_origins), "cors_origins", 'origins such as "https://shop.example" (no path)')
+        require(self.fallback in FALLBACKS, "fallback", f"one of {', '.join(FALLBACKS)}")
         require(0 <= self.fallback_threshold <= 1 and 0 <= self.ambiguity_margin <= 1, "fallback_threshold",
                 "fallback_threshold and ambiguity_margin in [0, 1] (0: off)")
         require(self.api_key_env == "" or self.api_key_env.replace("_", "").isalnum(), "api_key_env",
@@ -94,33 +95,28 @@ def gguf_path(run, cfg: ServeConfig) -> Path:
     return path
 
 
-def fallback(pred: dict, confidence: dict | None, cfg: ServeConfig) -> str | None:
-    """Why this valid answer must not be acted on (low_confidence, ambiguous), or None."""
-    if not confidence or pred["action"] == NO_OPERATION:
-        return None
-    if confidence["overall"] < cfg.fallback_threshold:
-        return "low_confidence"
-    runner_up = confidence["runner_up"]
-    if runner_up and runner_up["margin"] < cfg.ambiguity_margin:
-        return "ambiguous"
-    return None
-
-
-def candidates(pred: dict, confidence: dict) -> list[dict]:
-    """The model's answer, then the same operation on each runner-up product, with their probabilities."""
-    runner_up = confidence["runner_up"] or {"products": [], "probability": 0.0}
-    return [{**{k: pred[k] for k in FIELDS}, "confidence": confidence["overall"]}] + [
-        {**{k: pred[k] for k in FIELDS}, "product": product, "confidence": runner_up["probability"]}
-        for product in runner_up["products"] if product != pred["product"]]
+def thresholds(run, cfg: ServeConfig, path: Path) -> fallback.Thresholds:
+    """The fallback's thresholds for the served GGUF file `path`, as cfg.fallback says where they come from."""
+    if cfg.fallback == "off":
+        return fallback.Thresholds()
+    if cfg.fallback == "config":
+        return fallback.Thresholds(cfg.fallback_threshold, cfg.ambiguity_margin, "config")
+    variant = f"{path.parent.name}/gguf-{path.stem.removeprefix('model-')}"   # as evaluate names it
+    chosen = ((read_manifest(run.run_dir / "eval") or {}).get("results", {}).get("fallback") or {}).get(variant)
+    if not chosen:
+        return fallback.Thresholds(source=f"off: no threshold chosen for {variant} yet (make evaluate)")
+    return fallback.Thresholds(chosen["threshold"], chosen["ambiguity_margin"],
+                               f"validation split ({chosen['validation']['examples']} messages) of {variant}")
 
 
 class IntentRules:
     """What a message must be to be answered, and what makes an answer one: shared by every engine, so
     /v1/intent keeps one contract whichever decodes. `tokenize(text) -> ids` (a back end's stepper's: the
-    prompt as the model sees it) counts what the context holds; `cfg` gives the limits and the fallback."""
+    prompt as the model sees it) counts what the context holds; `limits`: the fallback's thresholds."""
 
-    def __init__(self, tokenize, n_ctx: int, cfg: ServeConfig, products: list[str]):
-        self.tokenize, self.n_ctx, self.max_text_chars, self.cfg = tokenize, n_ctx, cfg.max_text_chars, cfg
+    def __init__(self, tokenize, n_ctx: int, max_text_chars: int, products: list[str],
+                 limits: fallback.Thresholds = fallback.Thresholds()):
+        self.tokenize, self.n_ctx, self.max_text_chars, self.limits = tokenize, n_ctx, max_text_chars, limits
         self.products, self.names = list(products), set(products)
 
     def prompt_tokens(self, text: str) -> list[int]:
@@ -154,10 +150,10 @@ class IntentRules:
         if not is_valid(pred, self.names):
             return 422, {"detail": "the model's answer is not a valid cart intent", "raw": raw, "latency_s": seconds}
         answer = {k: pred.get(k) for k in FIELDS}
-        why = fallback(answer, confidence, self.cfg)
+        why = fallback.reason(answer, confidence, self.limits)
         if why:
             return 200, {"action": NO_OPERATION, "product": None, "quantity": None, "fallback": why,
-                         "candidates": candidates(answer, confidence), "confidence": confidence, "raw": raw,
+                         "candidates": fallback.candidates(answer, confidence), "confidence": confidence, "raw": raw,
                          "latency_s": seconds}
         return 200, {**answer, "confidence": confidence, "raw": raw, "latency_s": seconds}
 
@@ -165,8 +161,9 @@ class IntentRules:
 class IntentModel(IntentRules):
     """Text -> (HTTP status, answer) in this process: constrained decoding on one llama.cpp context."""
 
-    def __init__(self, backend: GGUFBackend, cfg: ServeConfig, products: list[str]):
-        super().__init__(backend.stepper().tokenize, backend.llm.n_ctx(), cfg, products)
+    def __init__(self, backend: GGUFBackend, max_text_chars: int, products: list[str],
+                 limits: fallback.Thresholds = fallback.Thresholds()):
+        super().__init__(backend.stepper().tokenize, backend.llm.n_ctx(), max_text_chars, products, limits)
         self.backend = backend
         self.lock = threading.Lock()   # one llama context is not thread-safe
         backend.vocabulary()           # built once, before the first request

@@ -9,6 +9,8 @@ and model calls per answer (constrained decoding forces the schema's fixed text 
 GGUF variants answer one message at a time in this process, or, with `evaluate.gguf_slots` N > 1, on llama-server
 with N slots: N messages decoded together (continuous batching). Still greedy, but batched matrix products
 can round differently, so an answer may differ now and then (docs/stages.md#evaluate): the default is 1.
+On the test split it then chooses the fallback's thresholds (cart_intent/fallback.py) for the served GGUF type
+(`evaluate.fallback_variant`) on the validation split, never the test split, and reports what they do on both.
 
     python -m stages.evaluate --config configs/smollm2.toml
     python -m stages.evaluate --config configs/smoke.toml --constrained        # constrained only
@@ -25,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cart_intent import artifacts, cli, registry
+from cart_intent import artifacts, cli, fallback, registry
 from cart_intent.backends import GGUFBackend, GPTQBackend, LlamaServerBackend, TransformersBackend
 from cart_intent.catalog import run_catalog
 from cart_intent.child import ChildFailed
@@ -50,6 +52,11 @@ class EvaluateConfig:
     limit: int = 0                # evaluate only the first N examples (0: all)
     threads: int = 0              # llama.cpp threads; 0: every core
     gguf_slots: int = 1           # GGUF: 1 one message at a time in process; N > 1 llama-server, N decoded together
+    # the fallback's thresholds, chosen for this GGUF type ("": none) on the first N validation messages so that at
+    # most max_false_rejections of their cart operations are turned away (the model's own none-forms included)
+    fallback_variant: str = "Q4_K_M"
+    fallback_examples: int = 300
+    max_false_rejections: float = 0.02
 
     def validate(self) -> None:
         require(self.decoding and set(self.decoding) <= set(DECODING), "decoding", '"free" and/or "constrained"')
@@ -58,13 +65,17 @@ class EvaluateConfig:
         require(self.limit >= 0, "limit", "an integer >= 0 (0: all)")
         require(self.threads >= 0, "threads", "an integer >= 0")
         require(1 <= self.gguf_slots <= 64, "gguf_slots", "an integer in [1, 64]")
+        require(self.fallback_variant == "" or self.fallback_variant.replace("_", "").isalnum(), "fallback_variant",
+                'a GGUF type such as "Q4_K_M", or "" (none)')
+        require(self.fallback_examples >= 0, "fallback_examples", "an integer >= 0 (0: no fallback chosen)")
+        require(0 <= self.max_false_rejections < 1, "max_false_rejections", "a fraction in [0, 1)")
 
 
-def load_examples(run_dir: Path, data_path: Path | None) -> list[dict]:
-    """The run's test split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
+def load_examples(run_dir: Path, data_path: Path | None, split: str = "test") -> list[dict]:
+    """The run's split, or a labelled file of the user's (--data: a bad row is a usage error, exit 2),
     with id, lang and noise filled in where a hand-written file leaves them out."""
     if data_path is None:
-        numbered = list(enumerate(read_split(run_dir, "test"), 1))
+        numbered = list(enumerate(read_split(run_dir, split), 1))
     else:
         try:
             numbered = numbered_examples(data_path, set(run_catalog(run_dir).names))
@@ -152,6 +163,30 @@ def evaluate_variant(name: str, variant: dict, backend, examples: list[dict], pr
     return rows
 
 
+def choose_fallbacks(run_dir: Path, found: dict, cfg: EvaluateConfig, products: list[str], out: Path) -> dict:
+    """Per model: the fallback's thresholds for its `fallback_variant` GGUF, chosen on the validation split, with
+    what they do there and on the test split's constrained answers."""
+    val = load_examples(run_dir, None, "val")[: cfg.fallback_examples]
+    chosen = {}
+    for name, variant in found.items():
+        if not name.endswith(f"/gguf-{cfg.fallback_variant}") or not val or not cfg.fallback_variant:
+            continue
+        cli.console.rule(f"{name}: the fallback's thresholds on {len(val)} validation messages")
+        with opened_backend(variant["kind"], variant["path"], cfg) as backend:
+            completions, _ = run_variant(backend, "gguf", [build_prompt(ex["text"]) for ex in val], "constrained",
+                                         cfg, products)
+        scored = score(val, completions, set(products))
+        artifacts.write_jsonl(out / "predictions" / f"val__{name.replace('/', '__')}__constrained.jsonl", scored)
+        limits, on_val = fallback.choose(scored, cfg.max_false_rejections, "validation")
+        test_path = out / "predictions" / f"{name.replace('/', '__')}__constrained.jsonl"
+        on_test = fallback.effect(artifacts.read_jsonl(test_path), limits) if test_path.is_file() else None
+        chosen[name] = {"threshold": limits.threshold, "ambiguity_margin": limits.margin,
+                        "max_false_rejections": cfg.max_false_rejections, "validation": on_val, "test": on_test}
+        cli.console.print(f"{name}: threshold {limits.threshold:.4g}, margin {limits.margin:.4g}; validation "
+                          f"{on_val}; test {on_test}")
+    return chosen
+
+
 def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     if args.constrained:
         cfg.decoding = ["constrained"]
@@ -171,8 +206,8 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     products = run_catalog(run_dir).names
     out = stage.fresh_tmp()
     (out / "predictions").mkdir()
-    rows, reference = [], {}
-    for name, variant in variants(run_dir).items():
+    rows, reference, found = [], {}, variants(run_dir)
+    for name, variant in found.items():
         if "skipped" in variant:
             rows.append(checked(EvalRow, {"variant": name, "skipped": variant["skipped"]}))
             continue
@@ -183,8 +218,10 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     for (name, mode), row in by_key.items():
         if mode == "constrained" and (name, "free") in by_key:
             row["constrained_minus_free"] = round(row["exact_match"] - by_key[(name, "free")]["exact_match"], 4)
-    artifacts.write_json(out / "results.json", {"data": str(data_path), "examples": len(examples), "rows": rows})
-    stage.results.update(data=str(data_path), examples=len(examples),
+    chosen = choose_fallbacks(run_dir, found, cfg, products, out) if not args.data else {}
+    artifacts.write_json(out / "results.json", {"data": str(data_path), "examples": len(examples), "rows": rows,
+                                                "fallback": chosen})
+    stage.results.update(data=str(data_path), examples=len(examples), fallback=chosen,
                          rows=[{k: v for k, v in r.items() if k not in ("by_noise", "top_confusions")} for r in rows])
     stage.publish()
     display = {f"{r['variant']} {r.get('decoding', '')}": r if "skipped" in r else {

@@ -19,7 +19,7 @@ import sys
 from cart_intent import cli
 from cart_intent.backends import GGUFBackend
 from cart_intent.catalog import run_catalog
-from cart_intent.intent import IntentModel, ServeConfig, gguf_path
+from cart_intent.intent import IntentModel, ServeConfig, gguf_path, thresholds
 
 
 def emit(answer: dict) -> None:
@@ -33,8 +33,9 @@ def emit(answer: dict) -> None:
 
 
 def predict(run, cfg: ServeConfig, args) -> int:
-    model = IntentModel(GGUFBackend(gguf_path(run, cfg), n_ctx=cfg.n_ctx, n_threads=cfg.threads or None),
-                        cfg, run_catalog(run.run_dir).names)
+    path = gguf_path(run, cfg)
+    model = IntentModel(GGUFBackend(path, n_ctx=cfg.n_ctx, n_threads=cfg.threads or None), cfg.max_text_chars,
+                        run_catalog(run.run_dir).names, thresholds(run, cfg, path))
     lines = sys.stdin.buffer if args.text in (None, "-") else [args.text.encode("utf-8", "surrogatepass")]
     for number, raw in enumerate(lines, 1):
         try:

@@ -98,3 +98,21 @@ def test_gguf_on_llama_server_slots_gives_the_in_process_answers(evaluated, tmp_
             predictions = evaluated / f"eval-{name}" / "predictions" / f"{variant.replace('/', '__')}__{mode}.jsonl"
             answers[name] = [json.loads(line)["raw"] for line in predictions.read_text().splitlines()]
         assert answers["slots"] == answers["in_process"] and len(answers["slots"]) == 12, (variant, mode)
+
+
+def test_the_fallback_is_chosen_on_validation_and_serve_takes_it_from_there(evaluated):
+    from types import SimpleNamespace
+    from cart_intent.intent import ServeConfig, thresholds
+    chosen = json.loads((evaluated / "eval" / "results.json").read_text())["fallback"]["tiny/gguf-Q4_K_M"]
+    val = (evaluated / "data" / "val.jsonl").read_text().splitlines()
+    assert chosen["validation"]["examples"] == len(val) and chosen["test"]["examples"] == 60
+    assert 0 <= chosen["threshold"] <= 1 and 0 <= chosen["ambiguity_margin"] <= 1
+    if chosen["threshold"] or chosen["ambiguity_margin"]:   # room was left: the budget holds on validation
+        assert chosen["validation"]["false_rejections"] <= chosen["max_false_rejections"]
+    saved = evaluated / "eval" / "predictions" / "val__tiny__gguf-Q4_K_M__constrained.jsonl"
+    assert all(json.loads(line)["confidence"]["overall"] > 0 for line in saved.read_text().splitlines())
+    gguf = evaluated / "gguf" / "tiny" / "model-Q4_K_M.gguf"
+    limits = thresholds(SimpleNamespace(run_dir=evaluated), ServeConfig(), gguf)
+    assert (limits.threshold, limits.margin) == (chosen["threshold"], chosen["ambiguity_margin"])
+    assert limits.source.startswith("validation split")
+    assert thresholds(SimpleNamespace(run_dir=evaluated), ServeConfig(fallback="off"), gguf).threshold == 0.0

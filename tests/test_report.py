@@ -74,9 +74,18 @@ def build_run(root):
     manifest(run / "gptq", "gptq", {"models": {"tiny": {"bytes": 2_900_000, "fp16_bytes": 7_900_000}}})
     manifest(run / "gguf", "gguf", {"llama_cpp_commit": "0c1e57098bba", "models": {"tiny": {"parameters": 1_910_016, "variants": {
         t: {"file": f"model-{t}.gguf", "bytes": b} for t, b in SIZES.items()}}}}, runner=DOCKER_RUNNER)
-    rows = [eval_row(v, "free", em) for v, em in EM.items()] + [eval_row("fp16", "constrained", 0.915)]
-    write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}]})
+    rows = [eval_row(v, "free", em) for v, em in EM.items()] + [{**eval_row("fp16", "constrained", 0.915), "calibration": {
+        "n": 20, "ece": 0.0375, "aurc": 0.021, "reliability": [{"low": 0.5, "n": 10, "confidence": 0.55, "exact_match": 0.5}],
+        "risk_coverage": [{"coverage": c / 10, "exact_match": 1 - c / 100} for c in range(1, 11)]}}]
+    on = {"examples": 54, "false_rejections": 0.0185, "out_of_scope_turned_away": 0.875, "exact_match_answered": 0.962}
+    write(run / "eval" / "results.json", {"rows": rows + [{"variant": "llama-3.2-1b-shape", "skipped": "shape twin"}],
+                                          "fallback": {"tiny/gguf-Q4_K_M": {"threshold": 0.3125, "ambiguity_margin": 0.05,
+                                                                            "validation": on, "test": on}}})
     manifest(run / "eval", "evaluate")
+    out_of_scope = {**eval_row("gguf-Q4_K_M", "constrained", 0.97)}
+    out_of_scope["scope"] = {**out_of_scope["scope"], "out_of_scope": 108, "rejected": 0.9722}
+    write(run / "eval-out-of-scope" / "results.json", {"examples": 108, "rows": [out_of_scope]})
+    manifest(run / "eval-out-of-scope", "evaluate")
     write(run / "baseline" / "results.json", {"rows": [
         checked(BaselineRow, {"model": "tiny", "kind": "open-weight", "shots": 3, "examples_per_s": 4.0,
                               **scores(0.05), "exact_match_ci95": [0.01, 0.1], "json_valid": 0.2}),
@@ -139,7 +148,7 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
     assert set(tables["figures"]) == {"fig2_accuracy.png", "accuracy_breakdown.png", "fig3_vram.png",
                                       "fig4_gpu_speed_energy.png", "fig5_cpu_speed_ram.png", "fig6_load_times.png",
                                       "fig7_cpu_latency.png", "pareto.png", "bandwidth_share.png", "training_curve.png",
-                                      "serving.png"}
+                                      "serving.png", "calibration.png"}
     for name in tables["figures"]:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
@@ -166,8 +175,12 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
 
     report = (out / "report.md").read_text()
     for heading in ("Table 2: accuracy", "Table 3: CPU trade-offs", "Prefix cache", "GPU: FP16 vs GPTQ",
-                    "Deployment recommendation", "Environment"):
+                    "Deployment recommendation", "Environment", "Out-of-scope messages (no cart operation)",
+                    "Confidence (constrained decoding, synthetic test split)"):
         assert f"## {heading}" in report
+    assert re.search(r"\| out-of-scope \| constrained \| GGUF Q4_K_M \| 108 \| 0\.972", report)
+    assert "| GGUF Q4_K_M | 0.312 | 0.050 | validation | 54 | 0.018" in report.replace("0.3125", "0.312")
+    assert re.search(r"\| FP16 \| 20 \| 0\.037\d? \| 0\.021", report)
     assert "embedded tiny model" in report and "0c1e57098bba" in report and "NVIDIA H200" in report
     environment = report.split("## Environment")[1]   # the image each stage ran in: name, ID, registry digest
     assert re.search(r"\| gguf \|[^\n]*\| docker \| cart-intent-cpu:0123456789ab \| a{12} \| b{12} \|", environment)

@@ -412,7 +412,8 @@ def test_the_fallback_turns_a_doubtful_answer_into_the_none_form_with_candidates
     plain, doubtful, ambiguous = ([json.loads(line) for line in subprocess.run(
         command("predict", quantized.parent, "serve.threads=2", *knobs), input="\n".join(texts) + "\n", cwd=ROOT,
         capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()]
-        for knobs in ((), ("serve.fallback_threshold=1.0",), ("serve.ambiguity_margin=1.0",)))
+        for knobs in (("serve.fallback='off'",), ("serve.fallback='config'", "serve.fallback_threshold=1.0"),
+                      ("serve.fallback='config'", "serve.ambiguity_margin=1.0")))
     for answer, low, close in zip(plain, doubtful, ambiguous):
         assert_intent(answer)
         assert_intent(low)

@@ -257,8 +257,18 @@ def scope_blocks(data: dict) -> list[tuple]:
             rows.append([name, r["decoding"], variant_label(r["variant"].split("/", 1)[1]), fmt(scope["out_of_scope"]),
                          fmt(scope["rejected"]), fmt(scope["in_scope"]), fmt(scope["false_rejections"]),
                          fmt(scope["exact_match_answered"])])
-    if not rows:
+    chosen = [[variant_label(variant.split("/", 1)[1]), fmt(c["threshold"]), fmt(c["ambiguity_margin"]), split, fmt(c[split]["examples"]),
+               fmt(c[split]["false_rejections"]), fmt(c[split]["out_of_scope_turned_away"]),
+               fmt(c[split]["exact_match_answered"])]
+              for variant, c in data["eval"].get("fallback", {}).items() for split in ("validation", "test") if c[split]]
+    if not rows and not chosen:
         return []
+    fallback_blocks = [
+        ("p", "The fallback (serve.fallback = \"validation\"): thresholds chosen on the validation split so that at "
+              "most evaluate.max_false_rejections of its cart operations are turned away; what they do on the test "
+              "split is the out-of-sample check."),
+        ("table", ["variant", "threshold", "ambiguity margin", "split", "messages", "cart operations turned away",
+                   "out-of-scope turned away", "exact match answered"], chosen)] if chosen else []
     return [("h2", "Out-of-scope messages (no cart operation)"),
             ("p", 'The answer {"action": "none", "product": null, "quantity": null} says a message asks for no cart '
                   "change (order status, a question, thanks, a product the shop does not sell). Turned away: share of "
@@ -266,7 +276,7 @@ def scope_blocks(data: dict) -> list[tuple]:
                   "answered: over the cart operations the variant did answer. datasets/out-of-scope.jsonl holds "
                   "such messages written by hand, never trained on."),
             ("table", ["set", "decoding", "variant", "out-of-scope messages", "turned away", "cart operations",
-                       "wrongly turned away", "exact match answered"], rows)]
+                       "wrongly turned away", "exact match answered"], rows), *fallback_blocks]
 
 
 def confidence_blocks(data: dict, fig_dir: Path) -> list[tuple]:
@@ -280,7 +290,7 @@ def confidence_blocks(data: dict, fig_dir: Path) -> list[tuple]:
     return [("h2", "Confidence (constrained decoding, synthetic test split)"),
             ("p", "The decoder's confidence is the model's own probability of its choices (cart_intent/constrained.py); "
                   "ECE: expected calibration error over 10 bins (0 is calibrated); AURC: area under the risk-coverage "
-                  "curve (lower ranks errors last). serve.fallback_threshold and serve.ambiguity_margin act on it."),
+                  "curve (lower ranks errors last). The fallback acts on it (the thresholds above)."),
             ("table", ["variant", "messages", "ECE", "AURC", "EM at 90% coverage", "EM at 80% coverage", "EM (all)"],
              [[r["variant"], fmt(r["calibration"]["n"]), fmt(r["calibration"]["ece"]), fmt(r["calibration"]["aurc"]),
                fmt(kept(r, 0.9)), fmt(kept(r, 0.8)), fmt(r["exact_match"])] for r in rows]),

@@ -9,13 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from cart_intent.backends import GGUFBackend
+from cart_intent.fallback import Thresholds
 from cart_intent.intent import IntentModel, ServeConfig
 from cart_intent.llama_internals import server_llama
 from cart_intent.task import answer_gbnf, answer_json_schema
 from stages.serve.routes import AnswerSchemaAsGrammar, IntentRequest, alias
 
 
-def create_app(path: Path, cfg: ServeConfig, products: list[str]):
+def create_app(path: Path, cfg: ServeConfig, products: list[str], limits: Thresholds):
     """llama-cpp-python's OpenAI-compatible app with /v1/intent added on the same model."""
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -24,7 +25,7 @@ def create_app(path: Path, cfg: ServeConfig, products: list[str]):
     model = ModelSettings(model=str(path), model_alias=alias(path, cfg), n_ctx=cfg.n_ctx, verbose=False,
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     app = llama_app.create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port), model_settings=[model])
-    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg, products)
+    intent = IntentModel(GGUFBackend.wrapping(server_llama()), cfg.max_text_chars, products, limits)
     app.add_middleware(AnswerSchemaAsGrammar, schema=answer_json_schema(products), grammar=answer_gbnf(products),
                        own_grammar_only=True)
 

@@ -39,7 +39,7 @@ from cart_intent.backends import LlamaServerBackend
 from cart_intent.catalog import run_catalog
 from cart_intent.child import ChildFailed
 from cart_intent.config import ConfigError
-from cart_intent.intent import IntentRules, ServeConfig, gguf_path
+from cart_intent.intent import IntentRules, ServeConfig, gguf_path, thresholds
 from cart_intent.llama_cpp_tools import ToolsMissing
 from stages.serve.in_process import create_app
 from cart_intent.llama_server import LlamaServer
@@ -67,16 +67,19 @@ def serve(run, cfg: ServeConfig, args) -> int:
     claim_port(cfg.host, cfg.port)
     path = gguf_path(run, cfg)
     products = run_catalog(run.run_dir).names
+    limits = thresholds(run, cfg, path)
+    cli.console.print(f"fallback: threshold {limits.threshold:.4g}, ambiguity margin {limits.margin:.4g} "
+                      f"({limits.source})")
     routes = "/v1/intent, /v1/chat/completions, /v1/completions, /v1/models"
     if cfg.engine == "llama-cpp-python":
-        app = create_app(path, cfg, products)
+        app = create_app(path, cfg, products, limits)
         cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}; one request at a time)")
         return run_until_stopped(guarded(app, cfg), cfg)
     try:
         with LlamaServer(path, cfg, alias(path, cfg)) as server:
             backend = LlamaServerBackend(path, server.port, cfg.slots, cfg.prompt_cache)
             backend.vocabulary()   # built once, before the first request
-            rules = IntentRules(backend.tokenize, server.slot_context(), cfg, products)
+            rules = IntentRules(backend.tokenize, server.slot_context(), cfg.max_text_chars, products, limits)
             cli.console.print(f"serving {path} on http://{cfg.host}:{cfg.port} ({routes}, /health, /slots, "
                               f"/metrics; llama-server, {cfg.slots} slots)")
             return run_until_stopped(guarded(create_proxy_app(server, cfg, rules, backend), cfg), cfg)
