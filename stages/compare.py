@@ -1,11 +1,12 @@
 """compare: one report over several runs of this pipeline -- every config key whose value differs between them,
-accuracy per variant and decoding, per language, and CPU cost per variant and host -- as Markdown, one HTML file,
-a figure and every table as CSV.
+accuracy per variant and decoding, per language, out-of-scope messages turned away and cart operations wrongly
+turned away per set, calibration, and CPU cost per variant and host -- as Markdown, one HTML file, a figure and
+every table as CSV.
 
     python -m stages.compare --runs smollm2 tiny                  # -> artifacts/compare/smollm2-vs-tiny/
     make compare RUNS="smoke smoke-r8"
 
-Reads each run's eval/ (required: `make evaluate`), its profiles/*/cpu/ when present and every stage manifest's
+Reads each run's eval/ (required: `make evaluate`), its eval-*/ sets and profiles/*/cpu/ when present and every stage manifest's
 config. Writes artifacts/compare/<run>-vs-<run>/ (report.md, report.html, figures/, tables/*.csv, tables.json).
 """
 from __future__ import annotations
@@ -43,7 +44,11 @@ def collect(run_dir: Path, manifests: dict[str, dict]) -> dict:
         for row in read_rows(run_dir / folder / "results.json", CpuRow):
             if row.get("mode") == "naive":
                 cpu[(folder.split("/")[1], row["variant"])] = row
-    return {"eval": scored, "cpu": cpu, "config": flat_config(manifests),
+    sets = {"synthetic test": scored, **{
+        folder.removeprefix("eval-"): {(r["variant"].split("/", 1)[-1], r["decoding"]): r
+                                       for r in read_rows(run_dir / folder / "results.json", EvalRow) if "skipped" not in r}
+        for folder in sorted(f for f in manifests if f.startswith("eval-"))}}
+    return {"eval": scored, "sets": sets, "cpu": cpu, "config": flat_config(manifests),
             "models": sorted({r["model"] for r in rows if "model" in r})}
 
 
@@ -68,6 +73,25 @@ def accuracy_blocks(data: dict[str, dict]) -> list[tuple]:
                     for variant, decoding in keys for lang in langs]
     return [("h2", "Exact match per variant"), ("table", ["variant", "decoding", *data], overall),
             ("h2", "Exact match per language"), ("table", ["variant", "decoding", "language", *data], per_language)]
+
+
+SCOPE_METRICS = (("out-of-scope turned away", lambda r: r["scope"]["rejected"]),
+                 ("cart operations wrongly turned away", lambda r: r["scope"]["false_rejections"]),
+                 ("exact match, cart operations", lambda r: r["scope"]["in_scope_exact_match"]),
+                 ("ECE (constrained)", lambda r: (r.get("calibration") or {}).get("ece")))
+
+
+def scope_blocks(data: dict[str, dict]) -> list[tuple]:
+    """Per set, variant and decoding: the none-form's two error rates, cart-operation accuracy and calibration."""
+    keys = sorted({(name, *key) for d in data.values() for name, rows in d["sets"].items() for key in rows})
+    def value(d, key, read):
+        row = d["sets"].get(key[0], {}).get(key[1:])
+        return fmt(read(row)) if row and row.get("scope") else "–"
+    rows = [[*key, metric, *(value(d, key, read) for d in data.values())]
+            for key in keys for metric, read in SCOPE_METRICS]
+    rows = [r for r in rows if any(cell != "–" for cell in r[4:])]
+    return [("h2", "No cart operation: turned away, wrongly turned away, calibration"),
+            ("table", ["set", "variant", "decoding", "metric", *data], rows)] if rows else []
 
 
 def cost_blocks(data: dict[str, dict]) -> list[tuple]:
@@ -129,7 +153,8 @@ def run(run_cfg, cfg: CompareConfig, args) -> int:
     (out / "figures").mkdir()
     blocks = [("h1", f"Cart-intent runs compared: {', '.join(runs)}"), *difference_blocks(data),
               *accuracy_blocks(data), ("figure", figure(data, out / "figures" / "exact_match.png"),
-                                       "Exact match (free decoding) per variant and run"), *cost_blocks(data)]
+                                       "Exact match (free decoding) per variant and run"), *scope_blocks(data),
+              *cost_blocks(data)]
     render(blocks, out)
     tables = write_csv_tables(blocks, out / "tables")
     artifacts.write_json(out / "tables.json", {"runs": runs, "csv": tables, "tables": [

@@ -26,6 +26,10 @@ def two_runs(tmp_path):
             row["exact_match"] = 0.5
             row["by_language"]["hr"]["exact_match"] = 0.25
     results.write_text(json.dumps(rows))
+    out_of_scope = root / "second" / "eval-out-of-scope" / "results.json"
+    rows = json.loads(out_of_scope.read_text())
+    rows["rows"][0]["scope"]["rejected"] = 0.5
+    out_of_scope.write_text(json.dumps(rows))
     return root
 
 
@@ -43,7 +47,11 @@ def test_compare_lists_differences_and_each_runs_numbers(tmp_path):
         assert overall[(variant, "free")] == expected
     per_language = {(r[0], r[1], r[2]): r[3:] for r in tables["tables"][2]["rows"]}
     assert per_language[("gguf-Q4_K_M", "free", "hr")] == [f"{EM['gguf-Q4_K_M'] - 0.1:.3f}", "0.250"]
-    cost = {(r[0], r[1]): r[2:] for r in tables["tables"][3]["rows"]}
+    scope = {tuple(r[:4]): r[4:] for r in tables["tables"][3]["rows"]}
+    assert scope[("out-of-scope", "gguf-Q4_K_M", "constrained", "out-of-scope turned away")] == ["0.972", "0.500"]
+    assert scope[("synthetic test", "fp16", "constrained", "ECE (constrained)")] == ["0.037", "0.037"]
+    assert ("synthetic test", "fp16", "free", "ECE (constrained)") not in scope   # no confidence: no row
+    cost = {(r[0], r[1]): r[2:] for r in tables["tables"][4]["rows"]}
     assert cost[("xeon-8c-bbbbbb", "Q4_K_M")] == ["2,250", "2,250"]
     for name, table in zip(tables["csv"], tables["tables"]):
         with open(out / "tables" / name, newline="", encoding="utf-8") as fh:
