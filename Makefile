@@ -33,6 +33,14 @@ RUNS ?=
 # decoding) and messages that ask for no cart change (the configured decodings)
 REALISTIC ?= datasets/realistic.jsonl
 OUT_OF_SCOPE ?= datasets/out-of-scope.jsonl
+# finetune's training processes: NPROC per host, NNODES hosts; on each host NODE_RANK (0 publishes) and the
+# rendezvous host and port (MASTER_ADDR, MASTER_PORT); the global batch stays finetune.batch_size
+NPROC ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+LAUNCH_ARGS = $(if $(filter-out 1,$(NPROC) $(NNODES)), --nproc-per-node $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -107,7 +115,7 @@ base: generate
 
 ## QLoRA fine-tune each base model (resumes after an interrupt) -> artifacts/<run>/finetune/
 finetune: base
-	$(call STAGE,finetune)
+	$(call STAGE,finetune)$(LAUNCH_ARGS)
 
 ## Merge adapters into the FP16 base, check parity -> artifacts/<run>/merge/
 merge: finetune

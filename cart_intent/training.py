@@ -70,6 +70,17 @@ def cache_argument(decoder_class) -> str:
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
+def completion_forward(model):
+    """model, its forward replaced by completion_loss ({"loss": ...}): DistributedDataParallel synchronizes the
+    gradients of what runs inside the forward of the module it wraps, so the loss must be that forward. Generation
+    is unaffected (it runs the wrapped causal LM's own forward)."""
+    def forward(input_ids, attention_mask, labels, prefix_ids=None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"loss": completion_loss(model, batch if prefix_ids is None else {**batch, "prefix_ids": prefix_ids})}
+    model.forward = forward
+    return model
+
+
 def completion_loss(model, batch: dict):
     """Mean cross-entropy over labelled positions; logits only where a label is."""
     import torch

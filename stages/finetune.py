@@ -19,6 +19,13 @@ twins are skipped.
 
     python -m stages.finetune --config configs/smollm2.toml   # ~35 minutes on 2 cores
     python -m stages.finetune --config configs/smoke.toml     # under 2 minutes on CPU
+    python -m stages.finetune --config configs/smoke.toml --nproc-per-node 2   # two processes, one model (DDP)
+
+Several processes (`--nproc-per-node`, and `--nnodes`/`--node-rank`/`--master-addr` for several hosts sharing the
+artifacts folder) train one model with DistributedDataParallel (gloo on CPU, nccl on CUDA), started by PyTorch's
+elastic launcher as torchrun starts them (cart_intent/distributed.py). The global batch stays `batch_size` (each
+process takes batch_size / processes), so the run is comparable with one process; only the first process writes
+the adapter, history and progress lines; the manifest records the world size.
 
 Writes artifacts/<run>/finetune/<slug>/adapter/ and history.json (per-step loss, learning rate and
 grad norm; per-evaluation loss and exact match; tokens/s of the trainer and of the plain loop), and with
@@ -34,13 +41,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cart_intent import artifacts, cli, registry
-from cart_intent.config import as_dict, require
+from cart_intent import artifacts, cli, distributed, registry
+from cart_intent.config import ConfigError, as_dict, require
 from cart_intent.generation import exact_match_rate
 from cart_intent.models import base_models, weights_dir
 from cart_intent.task import read_split
 from cart_intent.training import (ALL_PROJECTIONS, Collate, EpochSeededLengthSampler, common_prefix_len,
-                                 completion_loss, encode, load_base, model_loss, timed_steps)
+                                 completion_forward, encode, load_base, model_loss, timed_steps)
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate"]
 
@@ -121,9 +128,8 @@ def make_trainer_class(meter: dict, record: dict):
             self.trainer.restore_resume_state(self.checkpoint)
 
     class CompletionTrainer(Trainer):
-        """Trainer whose loss is completion_loss; it counts the training tokens of each step (no padding),
-        draws length-grouped batches from the seed and epoch, and saves into each checkpoint what a resume
-        needs beyond the Trainer's own state: the history so far and the loss being averaged."""
+        """Trainer whose loss is completion_loss, counting each step's tokens (no padding), drawing length-grouped
+        batches from seed and epoch, saving what a resume needs beyond its own state (history, loss so far)."""
 
         def _get_train_sampler(self, train_dataset=None):
             if self.args.train_sampling_strategy != "group_by_length":
@@ -135,6 +141,9 @@ def make_trainer_class(meter: dict, record: dict):
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()   # every process's files first (each saves its RNG state)
+            if not self.args.should_save:   # the first process writes the rest
+                return
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             artifacts.write_json(folder / RESUME_STATE, {
                 "evaluations": record["evaluations"], "step_log": record["step_log"],
@@ -158,7 +167,7 @@ def make_trainer_class(meter: dict, record: dict):
             self._initial_global_step = 0  # the mean training loss is over every step, not this process's
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = completion_loss(model, inputs)
+            loss = model(**inputs)["loss"]   # completion_forward's, through DDP when there are several processes
             if model.training:
                 prefix = inputs["prefix_ids"].shape[1] if "prefix_ids" in inputs else 0
                 meter["pending"] += int(inputs["attention_mask"].sum()) + prefix * inputs["input_ids"].shape[0]
@@ -193,6 +202,9 @@ def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stac
             # after a resume: the training time before the interrupt counts, timing starts at this process
             self.started = time.time() - record["train_elapsed_s"]
             self.first_step = state.global_step + 1
+            if not state.is_world_process_zero:   # one set of progress lines, the first process's
+                self.advance = lambda *steps: None
+                return
             self.advance = stack.enter_context(cli.progress("  training steps", state.max_steps))
             if state.global_step:
                 self.advance(state.global_step)
@@ -215,6 +227,8 @@ def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stac
                                            "elapsed_s": round(time.time() - self.started, 1)})
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not state.is_world_process_zero:   # the first process decodes and records; the others go on
+                return
             rate, _ = exact_match_rate(kwargs["model"], tokenizer, probe)
             row = {"epoch": round(state.epoch or 0, 3), "step": state.global_step,
                    "eval_loss": round(metrics.get("eval_loss", float("nan")), 5), "val_exact_match": round(rate, 4),
@@ -227,13 +241,15 @@ def make_callbacks(tokenizer, probe: list[dict], record: dict, meter: dict, stac
     return [Recorder()]
 
 
-def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: bool, bf16: bool):
+def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: bool, bf16: bool, world_size: int):
+    """The recipe as the Trainer's arguments; with several processes each takes batch_size / world_size."""
     from transformers import TrainingArguments
     every = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "save_strategy": "steps",
              "save_steps": cfg.eval_steps} if cfg.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    ddp = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False} if world_size > 1 else {}
     return TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 32),
+        per_device_train_batch_size=cfg.batch_size // world_size, per_device_eval_batch_size=max(cfg.batch_size, 32),
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value < 1 as a share of the steps
@@ -242,7 +258,7 @@ def training_arguments(cfg: FinetuneConfig, checkpoints: Path, seed: int, cuda: 
         seed=seed, data_seed=seed, logging_steps=cfg.logging_steps, report_to=[], use_cpu=not cuda,
         dataloader_num_workers=0, gradient_checkpointing=cfg.gradient_checkpointing, disable_tqdm=True,
         **({"train_sampling_strategy": "group_by_length"} if cfg.group_by_length else {}),
-        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
+        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True, **ddp)
 
 
 @dataclass
@@ -256,6 +272,7 @@ class Prepared:
     cuda: bool
     bf16: bool
     compute_dtype: object
+    probe: list[dict]      # validation examples decoded for exact match at each evaluation
 
 
 def setup(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict]) -> Prepared:
@@ -272,7 +289,8 @@ def setup(record: dict, cfg: FinetuneConfig, train: list[dict], val: list[dict])
     eval_rows = encode(tokenizer, val[: cfg.eval_examples or None], cfg.max_length)
     prefix_len = common_prefix_len(train_rows + eval_rows) if cfg.shared_prefix else 0
     compute_dtype = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32
-    return Prepared(path, tokenizer, train_rows, eval_rows, prefix_len, cuda, bf16, compute_dtype)
+    probe = val if cfg.eval_exact_match == 0 else val[: cfg.eval_exact_match]
+    return Prepared(path, tokenizer, train_rows, eval_rows, prefix_len, cuda, bf16, compute_dtype, probe)
 
 
 def yardstick(prep: Prepared, cfg: FinetuneConfig, seed: int) -> dict:
@@ -287,48 +305,49 @@ def yardstick(prep: Prepared, cfg: FinetuneConfig, seed: int) -> dict:
     return {"steps": timed["steps"], "tokens_per_s": timed["tokens_per_s"]}
 
 
-def train(prep: Prepared, cfg: FinetuneConfig, val: list[dict], seed: int, out: Path, result: dict) -> dict:
+def train(prep: Prepared, cfg: FinetuneConfig, seed: int, out: Path, result: dict, world_size: int) -> dict:
     """transformers' Trainer with the completion-only loss, resumed from the last complete checkpoint; returns
     what the run measured and leaves the best model in the trainer it returns under "trainer"."""
     import torch
     torch.manual_seed(seed)
-    model = load_base(prep.path, cfg, prep.compute_dtype, prep.cuda)
-    probe = val if cfg.eval_exact_match == 0 else val[: cfg.eval_exact_match]
+    model = completion_forward(load_base(prep.path, cfg, prep.compute_dtype, prep.cuda))
     checkpoints = out / "checkpoints"
     meter, stack = {"pending": 0, "tokens": 0, "seconds": 0.0}, ExitStack()
-    callbacks = make_callbacks(prep.tokenizer, probe, result, meter, stack) + tensorboard_callbacks(cfg, out)
+    callbacks = make_callbacks(prep.tokenizer, prep.probe, result, meter, stack) + tensorboard_callbacks(cfg, out)
     trainer = make_trainer_class(meter, result)(
-        model=model, args=training_arguments(cfg, checkpoints, seed, prep.cuda, prep.bf16),
+        model=model, args=training_arguments(cfg, checkpoints, seed, prep.cuda, prep.bf16, world_size),
         train_dataset=prep.train_rows, eval_dataset=prep.eval_rows, processing_class=prep.tokenizer,
         data_collator=Collate(prep.tokenizer.pad_token_id, prep.prefix_len), callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
-    if resume:
+    if resume and trainer.is_world_process_zero():
         cli.console.print(f"  resuming from {resume.name}")
     if prep.cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
     with stack:
         outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    tokens = distributed.total(meter["tokens"])   # every process's share of the global batches
     return {"trainer": trainer, "outcome": outcome, "resume": resume, "wall": time.time() - started,
-            "tokens_per_s": meter["tokens"] / max(meter["seconds"], 1e-9)}
+            "tokens_per_s": tokens / max(meter["seconds"], 1e-9)}
 
 
 def save(prep: Prepared, trainer, out: Path) -> None:
-    """The best adapter and the tokenizer; the checkpoints go."""
-    trainer.model.save_pretrained(out / "adapter")
-    prep.tokenizer.save_pretrained(out / "adapter")
-    shutil.rmtree(out / "checkpoints")
+    """The best adapter and the tokenizer (the first process); the checkpoints go."""
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out / "adapter")
+        prep.tokenizer.save_pretrained(out / "adapter")
+        shutil.rmtree(out / "checkpoints")
 
 
 def finetune_one(record: dict, cfg: FinetuneConfig, train_split: list[dict], val: list[dict], seed: int,
-                 out: Path) -> dict:
-    """The recipe for one base model: set up, time the yardstick, train, save; returns its history."""
+                 out: Path, world_size: int) -> dict:
+    """The recipe for one base model: set up, time the yardstick (one process only), train, save; its history."""
     import torch
     prep = setup(record, cfg, train_split, val)
-    result: dict = {"base": record["spec"]}
-    if cfg.plain_loop_steps:
+    result: dict = {"base": record["spec"], "world_size": world_size, "per_process_batch": cfg.batch_size // world_size}
+    if cfg.plain_loop_steps and world_size == 1:
         result["plain_loop"] = yardstick(prep, cfg, seed)
-    run = train(prep, cfg, val, seed, out, result)
+    run = train(prep, cfg, seed, out, result, world_size)
     trainer, resume = run["trainer"], run["resume"]
     save(prep, trainer, out)
     result.update({
@@ -346,38 +365,82 @@ def finetune_one(record: dict, cfg: FinetuneConfig, train_split: list[dict], val
     return result
 
 
-def run(run_cfg, cfg: FinetuneConfig, args) -> int:
-    run_dir = run_cfg.run_dir
-    manifests = registry.upstream(run_dir, "finetune")
-    stage = artifacts.StageRun("finetune", "finetune", run_dir, {**as_dict(cfg), "seed": run_cfg.seed},
-                               artifacts.input_fingerprint(manifests), artifacts.code_hash(__file__), PACKAGES)
-    if cli.already_done(stage, args):
-        return 0
-    train = read_split(run_dir, "train")
-    val = read_split(run_dir, "val")
-    out = stage.fresh_tmp(resumable=not args.force)  # checkpoints of an identical interrupted attempt are resumed
-    results = {}
+SHAPE_SKIPPED = {"skipped": "shape twin: random weights, fine-tuning is meaningless"}
+
+
+def train_all(run_dir: Path, cfg: FinetuneConfig, seed: int, out: Path, world_size: int, first: bool) -> None:
+    """Every base model's adapter and history.json into out (the first process writes; a model whose history is
+    there finished in an interrupted earlier attempt)."""
+    train_split, val = read_split(run_dir, "train"), read_split(run_dir, "val")
     for slug, record in base_models(run_dir).items():
         folder = out / slug
-        if record["kind"] == "shape":
-            results[slug] = {"skipped": "shape twin: random weights, fine-tuning is meaningless"}
+        if record["kind"] == "shape" or (folder / "history.json").exists():
             continue
-        if (folder / "history.json").exists():  # finished in an interrupted earlier attempt
-            results[slug] = artifacts.read_json(folder / "history.json")
-            continue
-        cli.console.rule(f"fine-tuning {record['spec']}")
+        if first:
+            cli.console.rule(f"fine-tuning {record['spec']}" + (f" ({world_size} processes)" if world_size > 1 else ""))
         folder.mkdir(exist_ok=True)
-        results[slug] = finetune_one(record, cfg, train, val, run_cfg.seed, folder)
-        artifacts.write_json(folder / "history.json", results[slug])
+        history = finetune_one(record, cfg, train_split, val, seed, folder, world_size)
+        if first:
+            artifacts.write_json(folder / "history.json", history)
+        distributed.barrier()   # written before any process goes on (or its launcher publishes)
+
+
+def run(run_cfg, cfg: FinetuneConfig, args) -> int:
+    run_dir, plan, me = run_cfg.run_dir, distributed.Launch.from_args(args), distributed.worker()
+    world_size = me["world_size"] if me else plan.world_size
+    if world_size < 1 or cfg.batch_size % world_size:
+        raise ConfigError(f"finetune.batch_size = {cfg.batch_size} is the global batch: it must split evenly over "
+                          f"{world_size} training processes (--nproc-per-node x --nnodes)")
+    manifests = registry.upstream(run_dir, "finetune")
+    recipe = {**as_dict(cfg), "seed": run_cfg.seed, **({"world_size": world_size} if world_size > 1 else {})}
+    stage = artifacts.StageRun("finetune", "finetune", run_dir, recipe, artifacts.input_fingerprint(manifests),
+                               artifacts.code_hash(__file__), PACKAGES)
+    if me:   # a process the launcher started: its launcher holds the lock and the folder, and publishes
+        distributed.join(cuda=cuda_available())
+        try:
+            train_all(run_dir, cfg, run_cfg.seed, stage.tmp_dir, world_size, first=me["rank"] == 0)
+        except RuntimeError as err:
+            if not distributed.lost_peers(err):
+                raise
+            cli.console.print(f"training process {me['rank']}: another training process went away; stopping")
+            return cli.EXIT_FAILED
+        return 0
+    if cli.already_done(stage, args):
+        return 0
+    if plan.node_rank == 0:   # checkpoints of an identical interrupted attempt are resumed
+        stage.fresh_tmp(resumable=not args.force)
+    if world_size > 1:
+        job = artifacts.sha256_json({"config": recipe, "inputs": stage.inputs})[:16]
+        code = distributed.launch(plan, "stages.finetune", args.argv, run_id=f"finetune-{job}")
+        if code or plan.node_rank:
+            return code
+    else:
+        train_all(run_dir, cfg, run_cfg.seed, stage.tmp_dir, 1, first=True)
+    publish(stage, run_dir)
+    return 0
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def publish(stage: artifacts.StageRun, run_dir: Path) -> None:
+    """Every model's history (written by the training processes) into the manifest, and the folder into place."""
+    results = {slug: SHAPE_SKIPPED if record["kind"] == "shape" else
+               artifacts.read_json(stage.tmp_dir / slug / "history.json")
+               for slug, record in base_models(run_dir).items()}
     stage.results["models"] = {slug: {k: v for k, v in r.items() if k != "step_log"} for slug, r in results.items()}
     stage.publish()
     cli.show_config("fine-tuning", {slug: {k: v for k, v in r.items() if k not in ("step_log", "evaluations")}
                                     for slug, r in results.items()})
-    return 0
 
 
 def main(argv=None) -> int:
-    return cli.run_stage(__doc__, "finetune", FinetuneConfig, run, argv)
+    def add_args(parser):
+        distributed.add_launch_args(parser)
+        parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))   # what the launcher passes on
+    return cli.run_stage(__doc__, "finetune", FinetuneConfig, run, argv, add_args)
 
 
 if __name__ == "__main__":
