@@ -54,8 +54,9 @@ def test_prompt_is_a_function_of_seed_example_and_attempt():
 
 
 def generate(artifacts_dir, *sets, check=None):
+    """30 cart messages (no out-of-scope ones unless asked: the LLM rewrites cart messages only)."""
     cmd = [sys.executable, "-m", "stages.generate", "--config", SMOKE, "--set", f"run.artifacts_dir='{artifacts_dir}'",
-           "--force", "--set", "generate.n_examples=30"]
+           "--force", "--set", "generate.n_examples=30", "--set", "generate.none_share=0"]
     for item in sets:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -115,6 +116,15 @@ def test_budget_stop_resume_from_cache_and_identical_rerun(quantized, tmp_path):
         stats = json.loads((run_dir / "data" / "stats.json").read_text())["llm"]
         assert stats["examples"] == 30 and sum(stats["rejected"].values()) >= 1
         print(f"\nsmoke-GGUF as the LLM: {stats['accepted']}/30 accepted, rejected {stats['rejected']}")
+
+        # out-of-scope messages keep their template text: only cart messages go to the LLM
+        generate(tmp_path, "generate.backend='llm'", "generate.none_share=0.3", *llm, check=0)
+        stats = json.loads((run_dir / "data" / "stats.json").read_text())["llm"]
+        rows = [json.loads(line) for part in ("train", "val", "test")
+                for line in (run_dir / "data" / f"{part}.jsonl").read_text().splitlines()]
+        outside = [r for r in rows if r["action"] == "none"]
+        assert outside and all(r["source"] == "template" for r in outside)
+        assert stats["examples"] == len(rows) - len(outside)
     finally:
         server.terminate()
         server.wait(timeout=30)
