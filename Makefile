@@ -30,7 +30,7 @@ STAGES ?=
 # the runs `make compare` puts side by side (names under artifacts/)
 RUNS ?=
 # hand-written labelled sets scored beside the test split by `make evaluate` (empty: skip): cart messages (free
-# decoding) and messages that ask for no cart change (the configured decodings)
+# decoding) and messages that ask for no cart change (constrained, as served: the fallback applies)
 REALISTIC ?= datasets/realistic.jsonl
 OUT_OF_SCOPE ?= datasets/out-of-scope.jsonl
 # finetune's training processes: NPROC per host, NNODES hosts; on each host NODE_RANK (0 publishes) and the
@@ -137,7 +137,7 @@ baseline: base
 evaluate: gptq gguf
 	$(call STAGE,evaluate)
 	$(if $(REALISTIC),$(call STAGE,evaluate) --data $(REALISTIC) --set 'evaluate.decoding=["free"]')
-	$(if $(OUT_OF_SCOPE),$(call STAGE,evaluate) --data $(OUT_OF_SCOPE))
+	$(if $(OUT_OF_SCOPE),$(call STAGE,evaluate) --data $(OUT_OF_SCOPE) --set 'evaluate.decoding=["constrained"]')
 
 ## CPU cost of each GGUF variant (fresh process each; naive vs prefix-cached) -> artifacts/<run>/profiles/<host>/cpu/
 profile-cpu: gguf

@@ -43,6 +43,7 @@ class EvalRow(Scores):
     batched_speedup: NotRequired[float]
     gguf_slots: NotRequired[int]        # GGUF: llama-server slots decoding together (1: in process, one at a time)
     constrained_minus_free: NotRequired[float]
+    fallback: NotRequired[dict]         # a labelled set: eval/'s thresholds applied (fallback.effect), constrained
 
 
 class BaselineRow(Scores):

@@ -37,7 +37,8 @@ STAGES = {stage.name: stage for stage in (
     Stage("baseline", "baseline", "baseline", ("generate", "base")),
     Stage("evaluate", "evaluate", "eval", ("generate", "base", "merge", "gptq", "gguf")),
     # `evaluate --data FILE`: the same stage on a hand-written set, into eval-<file name>
-    Stage("evaluate_set", "evaluate", "eval-*", ("generate", "base", "merge", "gptq", "gguf"), module="evaluate"),
+    Stage("evaluate_set", "evaluate", "eval-*", ("generate", "base", "merge", "gptq", "gguf"), ("evaluate",),
+          module="evaluate"),   # eval/'s fallback thresholds, when it has them
     Stage("profile_cpu", "profile-cpu", "profiles/*/cpu", ("generate", "gguf")),
     Stage("profile_gpu", "profile-gpu", "profiles/*/gpu", ("generate", "base", "gptq")),
     Stage("loadtest", "loadtest", "profiles/*/serve", ("generate", "gguf"), ("evaluate",)),
@@ -46,8 +47,8 @@ STAGES = {stage.name: stage for stage in (
           ("profile_cpu", "profile_gpu", "loadtest")),
     # tools: compare reads each run it is given (and writes artifacts/compare/), serve and predict write nothing
     Stage("compare", "compare", None, ("evaluate",), (*PIPELINE, "report")),
-    Stage("serve", "serve", None, ("generate", "gguf")),
-    Stage("predict", "predict", None, ("generate", "gguf")),
+    Stage("serve", "serve", None, ("generate", "gguf"), ("evaluate",)),   # the fallback's thresholds
+    Stage("predict", "predict", None, ("generate", "gguf"), ("evaluate",)),
 )}
 
 

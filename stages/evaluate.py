@@ -187,6 +187,20 @@ def choose_fallbacks(run_dir: Path, found: dict, cfg: EvaluateConfig, products: 
     return chosen
 
 
+def with_fallbacks(run_dir: Path, rows: list[dict], out: Path) -> None:
+    """On a labelled set of the user's: what the thresholds eval/ chose on the validation split do to each variant's
+    constrained answers (turned away by the none-form or the fallback), into its row."""
+    chosen = ((artifacts.read_manifest(run_dir / "eval") or {}).get("results", {}).get("fallback") or {})
+    for row in rows:
+        limits = chosen.get(row.get("variant"))
+        if not limits or row.get("decoding") != "constrained":
+            continue
+        scored = artifacts.read_jsonl(out / "predictions" / f"{row['variant'].replace('/', '__')}__constrained.jsonl")
+        thresholds = fallback.Thresholds(limits["threshold"], limits["ambiguity_margin"], "validation")
+        row["fallback"] = {"threshold": thresholds.threshold, "ambiguity_margin": thresholds.margin,
+                           **fallback.effect(scored, thresholds)}
+
+
 def run(run_cfg, cfg: EvaluateConfig, args) -> int:
     if args.constrained:
         cfg.decoding = ["constrained"]
@@ -219,6 +233,8 @@ def run(run_cfg, cfg: EvaluateConfig, args) -> int:
         if mode == "constrained" and (name, "free") in by_key:
             row["constrained_minus_free"] = round(row["exact_match"] - by_key[(name, "free")]["exact_match"], 4)
     chosen = choose_fallbacks(run_dir, found, cfg, products, out) if not args.data else {}
+    if args.data:
+        with_fallbacks(run_dir, rows, out)
     artifacts.write_json(out / "results.json", {"data": str(data_path), "examples": len(examples), "rows": rows,
                                                 "fallback": chosen})
     stage.results.update(data=str(data_path), examples=len(examples), fallback=chosen,

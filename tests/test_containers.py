@@ -383,7 +383,7 @@ def test_force_reruns_only_the_named_targets_and_evaluate_scores_the_hand_writte
     assert not [x for x in _make_dry_run("RUNNER=local", "FORCE=0", "merge") if " --force" in x]
     evaluate = [x for x in _make_dry_run("RUNNER=local", "evaluate") if " -m stages.evaluate" in x]
     assert len(evaluate) == 3 and evaluate[1].endswith("--data datasets/realistic.jsonl --set 'evaluate.decoding=[\"free\"]'")
-    assert evaluate[2].endswith("--data datasets/out-of-scope.jsonl")
+    assert evaluate[2].endswith("--data datasets/out-of-scope.jsonl --set 'evaluate.decoding=[\"constrained\"]'")
 
 
 def test_stage_manifest_records_its_runner(tmp_path, monkeypatch):

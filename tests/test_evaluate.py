@@ -69,6 +69,9 @@ def test_custom_data_file_and_malformed_line(evaluated, tmp_path):
     stage("evaluate", evaluated.parent, "--data", str(data), "--constrained")
     mine = rows(evaluated, "eval-mine")
     assert {m for _, m in mine} == {"constrained"} and all(r["n"] == 2 for r in mine.values())
+    # eval/'s fallback thresholds (chosen on validation) applied to the set's constrained Q4_K_M answers
+    assert mine[("tiny/gguf-Q4_K_M", "constrained")]["fallback"]["examples"] == 2
+    assert "fallback" not in mine[("tiny/fp16", "constrained")]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good[0] + "\n" + json.dumps({"text": "x", "action": "buy", "product": "Milk", "quantity": 1}) + "\n")

@@ -84,6 +84,8 @@ def build_run(root):
     manifest(run / "eval", "evaluate")
     out_of_scope = {**eval_row("gguf-Q4_K_M", "constrained", 0.97)}
     out_of_scope["scope"] = {**out_of_scope["scope"], "out_of_scope": 108, "rejected": 0.9722}
+    out_of_scope["fallback"] = {"threshold": 0.3125, "ambiguity_margin": 0.05, "examples": 108, "false_rejections": None,
+                                "out_of_scope_turned_away": 0.9907, "exact_match_answered": None}
     write(run / "eval-out-of-scope" / "results.json", {"examples": 108, "rows": [out_of_scope]})
     manifest(run / "eval-out-of-scope", "evaluate")
     write(run / "baseline" / "results.json", {"rows": [
@@ -178,7 +180,7 @@ def test_report_renders_every_table_and_figure_with_the_input_numbers(tmp_path):
                     "Deployment recommendation", "Environment", "Out-of-scope messages (no cart operation)",
                     "Confidence (constrained decoding, synthetic test split)"):
         assert f"## {heading}" in report
-    assert re.search(r"\| out-of-scope \| constrained \| GGUF Q4_K_M \| 108 \| 0\.972", report)
+    assert re.search(r"\| out-of-scope \| constrained \| GGUF Q4_K_M \| 108 \| 0\.972 \| 0\.991 \|", report)
     assert "| GGUF Q4_K_M | 0.312 | 0.050 | validation | 54 | 0.018" in report.replace("0.3125", "0.312")
     assert re.search(r"\| FP16 \| 20 \| 0\.037\d? \| 0\.021", report)
     assert "embedded tiny model" in report and "0c1e57098bba" in report and "NVIDIA H200" in report

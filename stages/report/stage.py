@@ -255,8 +255,9 @@ def scope_blocks(data: dict) -> list[tuple]:
             if "skipped" in r or not (scope.get("out_of_scope") or scope.get("false_rejections")):
                 continue
             rows.append([name, r["decoding"], variant_label(r["variant"].split("/", 1)[1]), fmt(scope["out_of_scope"]),
-                         fmt(scope["rejected"]), fmt(scope["in_scope"]), fmt(scope["false_rejections"]),
-                         fmt(scope["exact_match_answered"])])
+                         fmt(scope["rejected"]), fmt(r.get("fallback", {}).get("out_of_scope_turned_away")),
+                         fmt(scope["in_scope"]), fmt(scope["false_rejections"]),
+                         fmt(r.get("fallback", {}).get("false_rejections")), fmt(scope["exact_match_answered"])])
     chosen = [[variant_label(variant.split("/", 1)[1]), fmt(c["threshold"]), fmt(c["ambiguity_margin"]), split, fmt(c[split]["examples"]),
                fmt(c[split]["false_rejections"]), fmt(c[split]["out_of_scope_turned_away"]),
                fmt(c[split]["exact_match_answered"])]
@@ -272,11 +273,13 @@ def scope_blocks(data: dict) -> list[tuple]:
     return [("h2", "Out-of-scope messages (no cart operation)"),
             ("p", 'The answer {"action": "none", "product": null, "quantity": null} says a message asks for no cart '
                   "change (order status, a question, thanks, a product the shop does not sell). Turned away: share of "
-                  "such messages answered so; wrongly turned away: share of cart operations answered so; exact match "
-                  "answered: over the cart operations the variant did answer. datasets/out-of-scope.jsonl holds "
-                  "such messages written by hand, never trained on."),
-            ("table", ["set", "decoding", "variant", "out-of-scope messages", "turned away", "cart operations",
-                       "wrongly turned away", "exact match answered"], rows), *fallback_blocks]
+                  "such messages answered so; wrongly turned away: share of cart operations answered so; with the "
+                  "fallback: by the none-form or the fallback's thresholds (chosen on the validation split, below); "
+                  "exact match answered: over the cart operations the variant did answer. datasets/out-of-scope.jsonl "
+                  "holds such messages written by hand, never trained on."),
+            ("table", ["set", "decoding", "variant", "out-of-scope messages", "turned away", "with the fallback",
+                       "cart operations", "wrongly turned away", "with the fallback", "exact match answered"], rows),
+            *fallback_blocks]
 
 
 def confidence_blocks(data: dict, fig_dir: Path) -> list[tuple]:
