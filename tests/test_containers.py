@@ -508,3 +508,12 @@ def test_the_kubernetes_manifest_on_paper_agrees_with_the_images_and_the_stages(
     mounts = {m["mountPath"] for m in job["volumeMounts"]} | {m["mountPath"] for m in server["volumeMounts"]}
     assert mounts == {"/app/artifacts", "/app/configs"}
     assert documents["Service"]["spec"]["selector"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_nproc_reaches_finetune_under_both_runners():
+    for runner in ("local", "docker"):
+        (line,) = [x for x in _make_dry_run(f"RUNNER={runner}", "NPROC=2", "NNODES=2", "NODE_RANK=1",
+                                            "MASTER_ADDR=10.0.0.5", "finetune") if "-m stages.finetune" in x]
+        assert line.endswith(" --nproc-per-node 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.5 --master-port 29500")
+    (line,) = [x for x in _make_dry_run("RUNNER=local", "finetune") if "-m stages.finetune" in x]
+    assert "--nproc-per-node" not in line   # one process: the command as before
