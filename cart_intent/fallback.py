@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .artifacts import read_manifest
 from .task import FIELDS, NO_OPERATION
 
 LOW_CONFIDENCE, AMBIGUOUS = "low_confidence", "ambiguous"
@@ -25,7 +26,7 @@ def reason(pred: dict, confidence: dict | None, thresholds: Thresholds) -> str |
         return None
     if confidence["overall"] < thresholds.threshold:
         return LOW_CONFIDENCE
-    runner_up = confidence["runner_up"]
+    runner_up = confidence.get("runner_up")
     if runner_up and runner_up["margin"] < thresholds.margin:
         return AMBIGUOUS
     return None
@@ -37,6 +38,11 @@ def candidates(pred: dict, confidence: dict) -> list[dict]:
     return [{**{k: pred[k] for k in FIELDS}, "confidence": confidence["overall"]}] + [
         {**{k: pred[k] for k in FIELDS}, "product": product, "confidence": runner_up["probability"]}
         for product in runner_up["products"] if product != pred["product"]]
+
+
+def chosen(run_dir) -> dict:
+    """variant -> the thresholds `evaluate` chose on the run's validation split (eval/'s manifest), {} before."""
+    return (read_manifest(run_dir / "eval") or {}).get("results", {}).get("fallback") or {}
 
 
 def turned_away(row: dict, thresholds: Thresholds) -> bool:
@@ -52,8 +58,8 @@ def choose(rows: list[dict], max_false_rejections: float, source: str) -> tuple[
     `rows` (scored, constrained, with confidences) together with those the model itself answered with the
     none-form; half the room each. Returns them and what they do on these rows."""
     inside = [r for r in rows if r["gold"]["action"] != NO_OPERATION]
-    room = math.floor(max_false_rejections * len(inside)) - sum(turned_away(r, Thresholds()) for r in inside)
     answered = [r for r in inside if not turned_away(r, Thresholds())]
+    room = math.floor(max_false_rejections * len(inside)) - (len(inside) - len(answered))
     threshold = _cut([r["confidence"]["overall"] for r in answered], room // 2)
     kept = [r for r in answered if r["confidence"]["overall"] >= threshold]
     margins = [r["confidence"]["runner_up"]["margin"] for r in kept if r["confidence"]["runner_up"]]

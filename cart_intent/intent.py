@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fallback
-from .artifacts import MissingArtifact, read_manifest
+from .artifacts import MissingArtifact
 from .backends import GGUFBackend
 from .config import ConfigError, require
 from .registry import require_stage
@@ -102,7 +102,7 @@ def thresholds(run, cfg: ServeConfig, path: Path) -> fallback.Thresholds:
     if cfg.fallback == "config":
         return fallback.Thresholds(cfg.fallback_threshold, cfg.ambiguity_margin, "config")
     variant = f"{path.parent.name}/gguf-{path.stem.removeprefix('model-')}"   # as evaluate names it
-    chosen = ((read_manifest(run.run_dir / "eval") or {}).get("results", {}).get("fallback") or {}).get(variant)
+    chosen = fallback.chosen(run.run_dir).get(variant)
     if not chosen:
         return fallback.Thresholds(source=f"off: no threshold chosen for {variant} yet (make evaluate)")
     return fallback.Thresholds(chosen["threshold"], chosen["ambiguity_margin"],

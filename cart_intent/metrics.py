@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+from .fallback import Thresholds, turned_away
 from .task import NO_OPERATION, exact_match, field_matches, is_valid, parse_output
 
 QUANTITY_BUCKETS = ((1, 1, "1"), (2, 4, "2-4"), (5, 10, "5-10"), (11, 20, "11-20"), (21, 10**9, "21+"))
@@ -59,11 +60,6 @@ def confusions(rows: list[dict], top: int = 10) -> list[dict]:
     return [{"field": f, "gold": g, "predicted": p, "count": c} for (f, g, p), c in counts.most_common(top)]
 
 
-def turned_away(row: dict) -> bool:
-    """Did the model answer this message with the none-form (no cart operation)?"""
-    return isinstance(row["parsed"], dict) and row["parsed"].get("action") == NO_OPERATION
-
-
 def rate(hits: int, n: int) -> float | None:
     return round(hits / n, 4) if n else None
 
@@ -73,9 +69,11 @@ def scope(rows: list[dict]) -> dict:
     the in-scope messages the model did answer with a cart operation."""
     outside = [r for r in rows if r["gold"]["action"] == NO_OPERATION]
     inside = [r for r in rows if r["gold"]["action"] != NO_OPERATION]
-    answered = [r for r in inside if not turned_away(r)]
-    return {"out_of_scope": len(outside), "rejected": rate(sum(map(turned_away, outside)), len(outside)),
-            "in_scope": len(inside), "false_rejections": rate(sum(map(turned_away, inside)), len(inside)),
+    def by_model(row):   # the model's own none-form, no fallback
+        return turned_away(row, Thresholds())
+    answered = [r for r in inside if not by_model(r)]
+    return {"out_of_scope": len(outside), "rejected": rate(sum(map(by_model, outside)), len(outside)),
+            "in_scope": len(inside), "false_rejections": rate(len(inside) - len(answered), len(inside)),
             "in_scope_exact_match": rate(sum(r["correct"] for r in inside), len(inside)),
             "exact_match_answered": rate(sum(r["correct"] for r in answered), len(answered))}
 

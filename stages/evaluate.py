@@ -190,7 +190,7 @@ def choose_fallbacks(run_dir: Path, found: dict, cfg: EvaluateConfig, products: 
 def with_fallbacks(run_dir: Path, rows: list[dict], out: Path) -> None:
     """On a labelled set of the user's: what the thresholds eval/ chose on the validation split do to each variant's
     constrained answers (turned away by the none-form or the fallback), into its row."""
-    chosen = ((artifacts.read_manifest(run_dir / "eval") or {}).get("results", {}).get("fallback") or {})
+    chosen = fallback.chosen(run_dir)
     for row in rows:
         limits = chosen.get(row.get("variant"))
         if not limits or row.get("decoding") != "constrained":
